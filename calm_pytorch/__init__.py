@@ -1,0 +1,5 @@
+from calm_pytorch.calm import CALM
+from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.params import AugmentParams
+
+__all__ = ['CALM', 'AugmentParams', 'CrossAttentionBlock']

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from calm_pytorch.helpers import exists
+from calm_pytorch.params import HiddenPosition
+from calm_pytorch.sites import Site, register_read_hook
+
+# an adapter knows one model's calling conventions and where its layers are:
+# how to call it with inputs and a padding mask, where its logits are, and the sites
+# (input and output) of each of its layers, in execution order
+
+@dataclass
+class Layer:
+    input: Site
+    output: Site
+
+    def site(self, position: HiddenPosition) -> Site:
+        return self.input if position == 'input' else self.output
+
+@dataclass
+class ProbeResult:
+    firing: list[tuple[int, str]] = field(default_factory = list)   # site keys in the order they fired
+    dims: dict[tuple[int, str], int] = field(default_factory = dict)  # site key -> hidden width
+
+class ModelAdapter:
+    def __init__(
+        self,
+        model: Module,
+        *,
+        name: str,
+        blocks: Sequence[Module] | None = None,
+        extract_blocks_fn: Callable[[Module], Sequence[Module]] | None = None,
+        mask_kwarg: str | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        returns_hiddens: bool = False
+    ):
+        self.model = model
+        self.name = name
+        self.input_shape = input_shape
+        self.returns_hiddens = returns_hiddens
+        self.mask_kwarg = mask_kwarg if exists(mask_kwarg) else find_mask_kwarg(model)
+        self.max_seq_len = None
+
+        if returns_hiddens:
+            self.layers = None
+            return
+
+        if exists(extract_blocks_fn):
+            blocks = extract_blocks_fn(model)
+
+        if exists(blocks):
+            self.layers = self.layers_from_blocks(blocks)
+        else:
+            self.layers = self.find_layers()
+
+        self.layers = self.in_execution_order(self.layers)
+
+    # finding layers
+
+    def layers_from_blocks(self, blocks: Sequence[Module]) -> list[Layer]:
+        blocks = list(blocks)
+        hint = 'the blocks, e.g. `transformer_blocks=model.layers` or `extract_blocks_fn=lambda model: model.layers`'
+
+        if len(blocks) == 0 or not all(isinstance(block, Module) for block in blocks):
+            raise TypeError(f'the transformer blocks of {self.name} must be a non-empty sequence of nn.Module, got {blocks!r}; pass {hint}')
+
+        if len({id(block) for block in blocks}) != len(blocks):
+            raise ValueError(f'the transformer blocks of {self.name} list one module twice')
+
+        own_modules = {id(module) for module in self.model.modules()}
+        if not all(id(block) in own_modules for block in blocks):
+            raise ValueError(f'the transformer blocks given for {self.name} are not submodules of it')
+
+        return [Layer(Site(block, 'input'), Site(block, 'output')) for block in blocks]
+
+    def find_layers(self) -> list[Layer]:
+        raise ValueError(
+            f'could not find the transformer blocks of {self.name} ({type(self.model).__name__}). '
+            f'Pass them explicitly: `transformer_blocks=[...]` in AugmentParams for an augment or `anchor_transformer_blocks=[...]` for the anchor, '
+            f'or a function returning them: `extract_blocks_fn=lambda model: model.layers` (`anchor_extract_blocks_fn=` for the anchor)'
+        )
+
+    def in_execution_order(self, layers: list[Layer]) -> list[Layer]:
+        # blocks may be given in any order: one dummy forward tells the order they run in
+        probe = self.probe([layer.output for layer in layers])
+        first_firing = {key: index for index, key in reversed(list(enumerate(probe.firing)))}
+
+        never_ran = [index for index, layer in enumerate(layers) if layer.output.key not in first_firing]
+        if len(never_ran) > 0:
+            names = ', '.join(type(layers[index].output.module).__name__ for index in never_ran)
+            raise ValueError(f'{len(never_ran)} of the {len(layers)} blocks given for {self.name} never ran in a forward pass ({names}); pass only blocks the model calls')
+
+        return sorted(layers, key = lambda layer: first_firing[layer.output.key])
+
+    # calling the model
+
+    def dummy_input(self, seq_len: int = 2) -> Tensor:
+        param = next(self.model.parameters(), None)
+        device = param.device if exists(param) else torch.device('cpu')
+
+        if exists(self.input_shape):
+            float_params = [p for p in self.model.parameters() if p.is_floating_point()]
+            dtype = float_params[0].dtype if len(float_params) > 0 else torch.float32
+            return torch.zeros((1, *self.input_shape), device = device, dtype = dtype)
+
+        return torch.zeros((1, seq_len), device = device, dtype = torch.long)
+
+    def __call__(self, inputs: Tensor, mask: Tensor | None = None, **kwargs) -> Any:
+        if exists(mask) and exists(self.mask_kwarg):
+            kwargs[self.mask_kwarg] = mask
+
+        return self.model(inputs, **kwargs)
+
+    def logits(self, output: Any) -> Tensor:
+        if isinstance(output, Tensor):
+            return output
+
+        if isinstance(getattr(output, 'logits', None), Tensor):
+            return output.logits
+
+        if isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], Tensor):
+            return output[0]
+
+        raise TypeError(f'could not find logits in the output of {self.name} ({type(output).__name__}); expected a tensor, an object with `.logits`, or a tuple starting with the logits')
+
+    def check_length(self, inputs: Tensor, arg_name: str):
+        if exists(self.max_seq_len) and inputs.shape[-1] > self.max_seq_len:
+            raise ValueError(f'`{arg_name}` has length {inputs.shape[-1]}, but {self.name} takes at most {self.max_seq_len} positions (its max_seq_len)')
+
+    # probing with dummy inputs
+
+    def probe(self, sites: Sequence[Site], inputs: Tensor | None = None) -> ProbeResult:
+        """Runs the model once with read hooks on `sites`: which fired in what order, at what width."""
+
+        result = ProbeResult()
+
+        def record(key, hidden):
+            result.firing.append(key)
+            result.dims[key] = hidden.shape[-1]
+
+        unique = {site.key: site for site in sites}
+        handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]
+
+        try:
+            with torch.no_grad():
+                self(inputs if exists(inputs) else self.dummy_input())
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        return result
+
+    def hiddens_at(self, sites: Sequence[Site], inputs: Tensor) -> dict[tuple[int, str], list[Tensor]]:
+        hiddens = defaultdict(list)
+        unique = {site.key: site for site in sites}
+        handles = [register_read_hook(site, lambda hidden, key = key: hiddens[key].append(hidden)) for key, site in unique.items()]
+
+        try:
+            with torch.no_grad():
+                output = self(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        if self.returns_hiddens:
+            return {(index, 'output'): [hidden] for index, hidden in enumerate(output)}
+
+        return hiddens
+
+    def is_causal(self, sites: Sequence[Site]) -> bool:
+        """A perturbation probe: does changing the last token change hidden states before it?"""
+
+        tokens = self.dummy_input(seq_len = 3)
+        perturbed = tokens.clone()
+        perturbed[:, -1] = 1
+
+        before, after = self.hiddens_at(sites, tokens), self.hiddens_at(sites, perturbed)
+
+        for key, hiddens in before.items():
+            for hidden, other in zip(hiddens, after[key]):
+                if not torch.allclose(hidden[:, :-1], other[:, :-1], atol = 1e-5, rtol = 1e-4):
+                    return False
+
+        return True
+
+def find_mask_kwarg(model: Module) -> str | None:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+
+    return next((name for name in ('mask', 'attention_mask') if name in params), None)
+
+class XTransformersAdapter(ModelAdapter):
+    """x-transformers TransformerWrapper (Decoder or Encoder). Its layer list alternates attention
+    and feedforward sublayers, each a (norms, branch, residual) triple: a block ends with the
+    residual of its feedforward, and the input of block 1 is the input of `attn_layers`."""
+
+    @staticmethod
+    def matches(model: Module) -> bool:
+        from x_transformers.x_transformers import AttentionLayers
+        return isinstance(getattr(model, 'attn_layers', None), AttentionLayers)
+
+    def __init__(self, model: Module, **kwargs):
+        super().__init__(model, **kwargs)
+
+        from x_transformers.x_transformers import AbsolutePositionalEmbedding
+
+        if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
+            self.max_seq_len = model.max_seq_len
+
+    def find_layers(self) -> list[Layer]:
+        attn_layers = self.model.attn_layers
+        order = attn_layers.layers_execute_order
+        layer_types = [attn_layers.layer_types[i] for i in order]
+        residuals = [attn_layers.layers[i][2] for i in order]
+
+        # a block ends after each feedforward; a stack without feedforwards has one block per sublayer
+
+        ends = [i for i, layer_type in enumerate(layer_types) if layer_type == 'f'] or list(range(len(layer_types)))
+
+        outputs = [Site(residuals[end], 'output') for end in ends]
+        inputs = [Site(attn_layers, 'input'), *outputs[:-1]]
+        return [Layer(input, output) for input, output in zip(inputs, outputs)]
+
+def make_adapter(model: Module, **kwargs) -> ModelAdapter:
+    adapter_class = XTransformersAdapter if XTransformersAdapter.matches(model) else ModelAdapter
+    return adapter_class(model, **kwargs)

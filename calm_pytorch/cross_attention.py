@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import Module
+
+from calm_pytorch.helpers import exists
+
+# axes
+# b - batch
+# h - heads
+# i - anchor (query) positions
+# j - augment (key / value) positions
+# d - feature dimension
+
+class CrossAttentionBlock(Module):
+    """Anchor hidden states attend to one augment layer's hidden states.
+
+    The augment width is projected to the anchor width first (the paper's f_proj). The output
+    projection starts at zero, so an untrained block adds exactly nothing to the anchor."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_context: int,
+        *,
+        heads: int = 8,
+        dim_head: int = 64
+    ):
+        super().__init__()
+        self.heads = heads
+        dim_inner = heads * dim_head
+
+        self.norm = nn.LayerNorm(dim)
+        self.context_norm = nn.LayerNorm(dim_context)
+        self.to_context = nn.Linear(dim_context, dim)  # f_proj of the paper
+
+        self.to_q = nn.Linear(dim, dim_inner, bias = False)
+        self.to_kv = nn.Linear(dim, dim_inner * 2, bias = False)  # keys and values in one matmul
+        self.to_out = nn.Linear(dim_inner, dim, bias = False)
+
+        nn.init.zeros_(self.to_out.weight)
+
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(b, j, dim_context) -> keys and values (b, h, j, d); computable once per context."""
+        context = context.to(self.to_kv.weight.dtype)
+        context = self.to_context(self.context_norm(context))
+        kv = self.to_kv(context)
+        return rearrange(kv, 'b j (kv h d) -> kv b h j d', kv = 2, h = self.heads).unbind(0)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        kv: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False
+    ) -> Tensor:
+        """Returns the delta to add to `x`, in the dtype of `x`.
+
+        x:       (b, i, dim) anchor hidden states
+        context: (b, j, dim_context) augment hidden states, or `kv` already projected
+        mask:    (b, j) True where the augment position is real (not padding)
+        causal:  aligned mode; query i sits at augment position i + (j - i) and sees keys up to it
+        """
+        k, v = kv if exists(kv) else self.project_context(context)
+        i, j = x.shape[-2], k.shape[-2]
+
+        q = self.to_q(self.norm(x.to(self.to_q.weight.dtype)))
+        q = rearrange(q, 'b i (h d) -> b h i d', h = self.heads)
+
+        visible = None
+
+        if exists(mask):
+            visible = rearrange(mask.bool(), 'b j -> b 1 1 j')
+
+        if causal:
+            offset = j - i
+            causal_visible = torch.ones((i, j), device = x.device, dtype = torch.bool).tril(offset)
+            visible = causal_visible if not exists(visible) else (visible & causal_visible)
+
+        # a query that sees no key (its context is all padding) would be NaN: it attends to
+        # everything instead and its output is zeroed below
+
+        no_key = None
+
+        if exists(visible):
+            no_key = ~visible.any(dim = -1, keepdim = True)
+            visible = visible | no_key
+
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask = visible)
+
+        if exists(no_key):
+            out = out.masked_fill(no_key, 0.)
+
+        out = rearrange(out, 'b h i d -> b i (h d)')
+        return self.to_out(out).to(x.dtype)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+from torch.nn import Module
+
+HiddenPosition = Literal['input', 'output']
+
+@dataclass
+class AugmentParams:
+    """How one frozen augmenting model is wired into the composition. CALM never mutates it.
+
+    model:                   the frozen augmenting model
+    hidden_position:         read each block's 'input' or 'output' (one value, or one per block)
+    transformer_blocks:      the model's blocks, in any order (found automatically for x-transformers)
+    extract_blocks_fn:       or a function model -> blocks
+    model_return_hiddens:    the model's forward already returns a list of per-layer hidden states
+    input_shape:             shape of one non-token input (e.g. (3, 224, 224) for images), without batch
+    connections:             ((augment_layer, anchor_layer), ...), 1-indexed; derived when None
+    connect_every_num_layers: the automatic wiring takes every n-th augment layer (the paper uses 4)
+    mask_kwarg:              name of the forward argument that takes the padding mask
+                             (found from the forward signature when None: 'mask' or 'attention_mask')
+    """
+
+    model: Module
+    hidden_position: HiddenPosition | tuple[HiddenPosition, ...] = 'output'
+    transformer_blocks: Sequence[Module] | None = None
+    extract_blocks_fn: Callable[[Module], Sequence[Module]] | None = None
+    model_return_hiddens: bool = False
+    input_shape: tuple[int, ...] | None = None
+    connections: tuple[tuple[int, int], ...] | None = None
+    connect_every_num_layers: int = 4
+    mask_kwarg: str | None = None

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from x_transformers import Decoder, Encoder, TransformerWrapper
+
+NUM_TOKENS = 256
+MAX_SEQ_LEN = 64
+
+@pytest.fixture(autouse = True)
+def seed():
+    torch.manual_seed(0)
+
+def decoder(dim: int = 32, depth: int = 4, heads: int = 2, **kwargs) -> TransformerWrapper:
+    return TransformerWrapper(
+        num_tokens = NUM_TOKENS,
+        max_seq_len = MAX_SEQ_LEN,
+        attn_layers = Decoder(dim = dim, depth = depth, heads = heads, attn_dim_head = 16, **kwargs)
+    )
+
+def encoder(dim: int = 24, depth: int = 4, heads: int = 2, **kwargs) -> TransformerWrapper:
+    return TransformerWrapper(
+        num_tokens = NUM_TOKENS,
+        max_seq_len = MAX_SEQ_LEN,
+        attn_layers = Encoder(dim = dim, depth = depth, heads = heads, attn_dim_head = 16, **kwargs)
+    )
+
+def tokens(batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, NUM_TOKENS, (batch, length))
+
+@pytest.fixture
+def anchor():
+    return decoder(dim = 32, depth = 4)
+
+@pytest.fixture
+def augment():
+    return decoder(dim = 24, depth = 8)
