@@ -11,6 +11,7 @@ from torch.nn import Module, ModuleList
 from calm_pytorch.adapters import ModelAdapter, make_adapter
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.generation import sample
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
 from calm_pytorch.params import AugmentParams, HiddenPosition
@@ -245,6 +246,56 @@ class CALM(Module):
             return logits
 
         return F.cross_entropy(rearrange(logits, 'b n c -> b c n'), labels, ignore_index = -100)
+
+    @torch.no_grad()
+    @typecheck
+    def generate(
+        self,
+        prompt: Tensor,
+        seq_len: int | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        augment_prompt: Tensor | Sequence[Tensor | None] | None = None,
+        augment_prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
+        temperature: float = 1.,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None
+    ) -> Tensor:
+        """Continues `prompt` (b, n) through the composition; returns the new tokens (b, n_new),
+        `pad_id` after a row's `eos_id`. Give exactly one of `seq_len` (total length, prompt
+        included) and `max_new_tokens`. Without `augment_prompt` the augments read the sequence
+        being generated (aligned mode)."""
+
+        check_tokens(prompt, 'prompt')
+
+        if exists(seq_len) == exists(max_new_tokens):
+            raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')
+
+        num_new = max_new_tokens if exists(max_new_tokens) else seq_len - prompt.shape[-1]
+
+        if num_new < 1:
+            raise ValueError(f'nothing to generate: `seq_len`={seq_len} is not longer than the prompt ({prompt.shape[-1]} tokens)' if exists(seq_len) else f'`max_new_tokens` must be at least 1, got {max_new_tokens}')
+
+        pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0)
+        out = prompt
+        done = torch.zeros(prompt.shape[0], dtype = torch.bool, device = prompt.device)
+
+        for _ in range(num_new):
+            logits = self(out, prompt = augment_prompt, prompt_mask = augment_prompt_mask, return_loss = False)
+            token = sample(logits[:, -1], temperature = temperature, top_k = top_k, top_p = top_p, min_p = min_p)
+            token = token.masked_fill(done, pad_id)
+            out = torch.cat((out, token[:, None]), dim = -1)
+
+            if exists(eos_id):
+                done = done | (token == eos_id)
+                if done.all():
+                    break
+
+        new = out[:, prompt.shape[-1]:]
+        return F.pad(new, (0, num_new - new.shape[-1]), value = pad_id)
 
     def augment_contexts(
         self,
