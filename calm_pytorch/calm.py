@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class CALM(Module):
         *,
         attn_kwargs: dict = dict(heads = 8, dim_head = 64),
         anchor_extract_blocks_fn = None,
-        anchor_transformer_blocks: Sequence[Module] | None = None,
+        anchor_transformer_blocks: Sequence[Module] | ModuleList | None = None,
         anchor_hidden_position: HiddenPosition | tuple[HiddenPosition, ...] = 'output',
         pad_id: int = -1,
         frozen_in_eval_mode: bool = True,

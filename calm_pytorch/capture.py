@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from functools import partial
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -51,8 +52,7 @@ class HiddenRecorder:
             self.stop_site = probe.firing[-1]
 
         for key, site in sites.items():
-            hook = lambda hidden, key = key, served = tuple(readers[key]): self.record(key, served, hidden)
-            self.handles.append(register_read_hook(site, hook))
+            self.handles.append(register_read_hook(site, partial(self.record, key, tuple(readers[key]))))
 
     def record(self, site_key, layer_keys: tuple[LayerKey, ...], hidden: Tensor):
         if self.recording is None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -38,7 +39,7 @@ class AnchorInjector:
             connections[site.key].append(connection)
 
         self.handles = [
-            register_write_hook(site, lambda hidden, served = tuple(connections[key]): self.inject(served, hidden))
+            register_write_hook(site, partial(self.inject, tuple(connections[key])))
             for key, site in sites.items()
         ]
 

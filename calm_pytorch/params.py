@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
-from torch.nn import Module
+from torch.nn import Module, ModuleList
 
 HiddenPosition = Literal['input', 'output']
 
@@ -25,7 +26,7 @@ class AugmentParams:
 
     model: Module
     hidden_position: HiddenPosition | tuple[HiddenPosition, ...] = 'output'
-    transformer_blocks: Sequence[Module] | None = None
+    transformer_blocks: Sequence[Module] | ModuleList | None = None
     extract_blocks_fn: Callable[[Module], Sequence[Module]] | None = None
     model_return_hiddens: bool = False
     input_shape: tuple[int, ...] | None = None

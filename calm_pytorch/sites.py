@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 from torch.nn import Module
@@ -64,27 +65,52 @@ def replace_input_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tup
 
     return args, {**kwargs, 'hidden_states': hidden}
 
+# hooks are small callable objects rather than closures, so that `copy.deepcopy` of a composition
+# gives hooks that call the copied recorder or injector, not the original one
+
+class ReadOutputHook:
+    def __init__(self, fn: Callable[[Tensor], None]):
+        self.fn = fn
+
+    def __call__(self, module, args, output):
+        self.fn(output_hidden(output))
+
+class ReadInputHook:
+    def __init__(self, fn: Callable[[Tensor], None]):
+        self.fn = fn
+
+    def __call__(self, module, args, kwargs):
+        self.fn(input_hidden(args, kwargs))
+
+class WriteOutputHook:
+    def __init__(self, fn: Callable[[Tensor], Tensor | None]):
+        self.fn = fn
+
+    def __call__(self, module, args, output):
+        new = self.fn(output_hidden(output))
+        return None if new is None else replace_output_hidden(output, new)
+
+class WriteInputHook:
+    def __init__(self, fn: Callable[[Tensor], Tensor | None]):
+        self.fn = fn
+
+    def __call__(self, module, args, kwargs):
+        new = self.fn(input_hidden(args, kwargs))
+        return None if new is None else replace_input_hidden(args, kwargs, new)
+
 def register_read_hook(site: Site, fn: Callable[[Tensor], None]) -> RemovableHandle:
-    """Calls fn(hidden) each time the site is passed. Runs first, so that hidden states recorded by
+    """Calls fn(hidden) each time the site is passed. Prepended, so that hidden states recorded by
     other hooks (e.g. HF's output_hidden_states) see what we changed at this site."""
 
     if site.position == 'output':
-        return site.module.register_forward_hook(lambda module, args, output: fn(output_hidden(output)), prepend = True)
+        return site.module.register_forward_hook(ReadOutputHook(fn), prepend = True)
 
-    return site.module.register_forward_pre_hook(lambda module, args, kwargs: fn(input_hidden(args, kwargs)), with_kwargs = True, prepend = True)
+    return site.module.register_forward_pre_hook(ReadInputHook(fn), with_kwargs = True, prepend = True)
 
 def register_write_hook(site: Site, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
     """fn(hidden) returns the new hidden state, or None to leave the call untouched."""
 
     if site.position == 'output':
-        def output_hook(module, args, output):
-            new = fn(output_hidden(output))
-            return None if new is None else replace_output_hidden(output, new)
+        return site.module.register_forward_hook(WriteOutputHook(fn), prepend = True)
 
-        return site.module.register_forward_hook(output_hook, prepend = True)
-
-    def input_hook(module, args, kwargs):
-        new = fn(input_hidden(args, kwargs))
-        return None if new is None else replace_input_hidden(args, kwargs, new)
-
-    return site.module.register_forward_pre_hook(input_hook, with_kwargs = True, prepend = True)
+    return site.module.register_forward_pre_hook(WriteInputHook(fn), with_kwargs = True, prepend = True)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from x_transformers import Decoder, Encoder, TransformerWrapper
 
 NUM_TOKENS = 256
@@ -35,3 +36,27 @@ def anchor():
 @pytest.fixture
 def augment():
     return decoder(dim = 24, depth = 8)
+
+class TupleBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Linear(dim, dim)
+
+    def forward(self, x, scale = 1.):
+        return self.net(x).tanh() * scale + x, 'extra'
+
+class TupleModel(nn.Module):
+    # a generic model whose blocks return tuples and are given by the user
+    def __init__(self, dim = 16, depth = 3, num_tokens = 256):
+        super().__init__()
+        self.emb = nn.Embedding(num_tokens, dim)
+        self.blocks = nn.ModuleList([TupleBlock(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, num_tokens)
+        self.extras = []
+
+    def forward(self, x):
+        x = self.emb(x)
+        for block in self.blocks:
+            x, extra = block(x)
+            self.extras.append(extra)
+        return self.head(x)

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TupleModel, decoder, encoder, tokens
+
+from calm_pytorch import CALM, AugmentParams
+
+def hook_counts(model):
+    return {name: (len(module._forward_hooks), len(module._forward_pre_hooks)) for name, module in model.named_modules()}
+
+def test_models_called_directly_are_untouched(anchor, augment):
+    other = encoder()
+    plain = [copy.deepcopy(model).eval() for model in (anchor, augment, other)]
+    calm = CALM(anchor, [augment, other])
+    seq = tokens()
+
+    def direct_outputs_match():
+        return all(torch.equal(model(seq), reference(seq)) for model, reference in zip((anchor, augment, other), plain))
+
+    assert direct_outputs_match()
+    calm(seq, prompt = [None, tokens(length = 6)]).backward()
+    assert direct_outputs_match()
+
+    # a direct augment call in between leaves no stale hidden state for the next composed call
+    before = calm(seq, return_loss = False, prompt = [None, tokens(length = 6)])
+    augment(tokens(length = 30))
+    assert all(recorder.recording is None for recorder in calm.recorders)
+
+def test_remove_hooks_restores_the_models(anchor, augment):
+    anchor_hooks, augment_hooks = hook_counts(anchor), hook_counts(augment)
+    flags = [param.requires_grad for param in anchor.parameters()]
+    anchor.train()
+
+    calm = CALM(anchor, augment)
+    assert hook_counts(anchor) != anchor_hooks
+
+    calm.remove_hooks()
+
+    assert hook_counts(anchor) == anchor_hooks
+    assert hook_counts(augment) == augment_hooks
+    assert [param.requires_grad for param in anchor.parameters()] == flags
+    assert anchor.training
+
+    with pytest.raises(RuntimeError, match = 'remove_hooks'):
+        calm(tokens())
+
+def test_failed_forward_leaves_no_stale_state(anchor, augment):
+    calm = CALM(anchor, augment)
+    calm.eval()
+    seq, prompt = tokens(), tokens(length = 8)
+
+    fresh = CALM(copy.deepcopy(anchor), copy.deepcopy(augment))
+    fresh.cross_attns.load_state_dict(calm.cross_attns.state_dict())
+
+    # too long for the anchor's absolute positions: a clear error before anything runs
+    with pytest.raises(ValueError, match = 'max_seq_len'):
+        calm(tokens(length = 100))
+
+    # a failure inside the anchor's forward, after the augment was recorded and the context set
+    def explode(module, args, output):
+        raise RuntimeError('boom')
+
+    handle = anchor.attn_layers.layers[-1][1].register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match = 'boom'):
+        calm(seq, prompt = prompt)
+    handle.remove()
+
+    assert calm.injector.contexts is None
+    assert all(recorder.recording is None for recorder in calm.recorders)
+    assert torch.equal(calm(seq, prompt = prompt), fresh(seq, prompt = prompt))
+    assert torch.equal(anchor(seq), fresh.anchor(seq))
+
+def test_augment_stops_after_its_deepest_connected_block(anchor):
+    augment = decoder(dim = 24, depth = 8)
+    calm = CALM(anchor, AugmentParams(model = augment, connections = ((2, 2), (3, 4))))
+    calm(tokens())  # the first aligned call also probes the augment for causality
+
+    ran = []
+    for index, layer in enumerate(augment.attn_layers.layers):
+        layer[1].register_forward_hook(lambda *_, index = index: ran.append(index))
+    augment.to_logits.register_forward_hook(lambda *_: ran.append('head'))
+
+    calm(tokens())
+
+    # layers alternate attention and feedforward: block 3 ends with sublayer index 5
+    assert max(ran) == 5 and 'head' not in ran
+
+def test_tuple_blocks_get_tuples_back():
+    anchor, augment = TupleModel(), TupleModel()
+    calm = CALM(anchor, AugmentParams(model = augment, transformer_blocks = augment.blocks), anchor_transformer_blocks = list(reversed(anchor.blocks)))
+
+    calm.cross_attns[0][0].to_out.weight.data.normal_()
+    calm(tokens(length = 6), return_loss = False)
+
+    assert anchor.extras[-3:] == ['extra'] * 3
+
+def test_blocks_given_in_any_order_are_numbered_by_execution():
+    anchor, augment = TupleModel(depth = 4), TupleModel(depth = 4)
+    blocks = [anchor.blocks[i] for i in (2, 0, 3, 1)]
+    calm = CALM(anchor, AugmentParams(model = augment, transformer_blocks = augment.blocks, connections = ((1, 2),)), anchor_transformer_blocks = blocks)
+
+    assert calm.anchor_adapter.layers[1].output.module is anchor.blocks[1]
+
+def test_input_position_adds_the_delta_before_the_block():
+    anchor, augment = TupleModel(), TupleModel()
+    calm = CALM(
+        anchor,
+        AugmentParams(model = augment, transformer_blocks = augment.blocks, connections = ((2, 2),)),
+        anchor_transformer_blocks = anchor.blocks,
+        anchor_hidden_position = 'input'
+    )
+
+    calm.cross_attns[0][0].to_out.weight.data.normal_()
+    seq = tokens(length = 6)
+
+    # the delta through the pre-hook, reproduced by hand: block 2 runs on its input plus the delta
+    captured = {}
+    anchor.blocks[1].register_forward_pre_hook(lambda module, args: captured.update(x = args[0]))
+    logits = calm(seq, return_loss = False)
+
+    with torch.no_grad():
+        x = anchor.emb(seq)
+        x, _ = anchor.blocks[0](x)
+        context = augment.blocks[1](augment.blocks[0](augment.emb(seq))[0])[0]
+        delta = calm.cross_attns[0][0](x, context, causal = True)
+        x = x + delta
+        assert torch.allclose(captured['x'], x, atol = 1e-6)
+        x, _ = anchor.blocks[1](x)
+        x, _ = anchor.blocks[2](x)
+        expected = anchor.head(x)
+
+    assert torch.allclose(logits, expected, atol = 1e-5)
+    assert not torch.allclose(logits, anchor(seq), atol = 1e-3)
+
+def test_xtransformers_input_of_layer_one_is_the_embedding_output(anchor, augment):
+    calm = CALM(anchor, augment, anchor_hidden_position = 'input')
+    assert calm.anchor_adapter.layers[0].input.module is anchor.attn_layers

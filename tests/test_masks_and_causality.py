@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from conftest import decoder, tokens
+
+from calm_pytorch import CALM
+
+def trained(calm, steps = 5, **kwargs):
+    # a few steps so the cross-attention output is no longer zero
+    optim = torch.optim.Adam(calm.parameters(), lr = 1e-2)
+    for _ in range(steps):
+        calm(tokens(length = 12), **kwargs).backward()
+        optim.step()
+        optim.zero_grad()
+
+    assert any(block.to_out.weight.abs().sum() > 0 for blocks in calm.cross_attns for block in blocks)
+    return calm
+
+def test_aligned_mode_never_sees_future_tokens(anchor, augment):
+    calm = trained(CALM(anchor, augment))
+    calm.eval()
+
+    seq = tokens(length = 12)
+    logits = calm(seq, return_loss = False)
+
+    for j in (3, 7, 11):
+        changed = seq.clone()
+        changed[:, j] = (changed[:, j] + 1) % 256
+        changed_logits = calm(changed, return_loss = False)
+
+        assert torch.allclose(changed_logits[:, :j], logits[:, :j], atol = 1e-6)
+        assert not torch.allclose(changed_logits[:, j:], logits[:, j:])
+
+def test_right_padding_the_context_changes_nothing(anchor, augment):
+    calm = trained(CALM(anchor, augment), prompt = tokens(length = 8))
+    seq, prompt = tokens(length = 10), tokens(length = 8)
+
+    logits = calm(seq, prompt = prompt, return_loss = False)
+
+    padded = F.pad(prompt, (0, 5), value = 0)
+    padded_mask = F.pad(torch.ones_like(prompt, dtype = torch.bool), (0, 5), value = False)
+    padded_logits = calm(seq, prompt = padded, prompt_mask = padded_mask, return_loss = False)
+
+    assert torch.allclose(padded_logits, logits, atol = 1e-5)
+
+def test_fully_padded_context_row_gives_anchor_logits(anchor, augment):
+    calm = trained(CALM(anchor, augment), prompt = tokens(length = 8))
+    seq, prompt = tokens(length = 10), tokens(length = 8)
+    prompt_mask = torch.ones_like(prompt, dtype = torch.bool)
+    prompt_mask[1] = False
+
+    logits = calm(seq, prompt = prompt, prompt_mask = prompt_mask, return_loss = False)
+
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits[1], anchor(seq)[1])
+    assert not torch.allclose(logits[0], anchor(seq)[0])
+
+def test_loss_ignores_masked_and_pad_labels(anchor, augment):
+    calm = CALM(anchor, augment, pad_id = 0)
+    seq = tokens(length = 10)
+    seq[:, 7:] = 0
+    mask = seq != 0
+
+    loss = calm(seq, mask = mask)
+    logits = calm(seq[:, :-1], mask = mask[:, :-1], return_loss = False)
+    expected = F.cross_entropy(logits[:, :6].reshape(-1, logits.shape[-1]), seq[:, 1:7].reshape(-1))
+
+    assert torch.allclose(loss, expected)
+
+    # without the mask, pad_id alone excludes the same labels
+    assert torch.allclose(calm(seq), F.cross_entropy(calm(seq[:, :-1], return_loss = False)[:, :6].reshape(-1, 256), seq[:, 1:7].reshape(-1)))
+
+def test_augment_receives_the_padding_mask(anchor, augment):
+    seen = {}
+    augment.register_forward_pre_hook(lambda module, args, kwargs: seen.update(mask = kwargs.get('mask')), with_kwargs = True)
+
+    calm = CALM(anchor, augment)
+    prompt = tokens(length = 8)
+    prompt_mask = torch.ones_like(prompt, dtype = torch.bool)
+    prompt_mask[:, 5:] = False
+    calm(tokens(), prompt = prompt, prompt_mask = prompt_mask)
+
+    assert torch.equal(seen['mask'], prompt_mask)
