@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).parent.parent / 'README.md'
+
+def python_snippets() -> list[str]:
+    return re.findall(r'```python\n(.*?)```', README.read_text(), flags = re.DOTALL)
+
+def test_readme_has_snippets():
+    assert len(python_snippets()) >= 5
+
+def test_readme_snippets_run():
+    # the snippets build on each other, as a reader runs them top to bottom
+    namespace = {}
+    for snippet in python_snippets():
+        exec(compile(snippet, str(README), 'exec'), namespace)
+
+    assert isinstance(namespace['loss'], torch.Tensor) and torch.isfinite(namespace['loss'])
+    assert namespace['new_tokens'].shape == (2, 8)
+    assert namespace['logits'].shape == (2, 64, 20000)
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (Path(__file__).parent.parent / '.ci' / 'run').read_text()
+    assert 'pip install -e ".[test]" && pytest -q' in README.read_text()
+    assert 'pip install -e ".[test]" && pytest -q' in ci
