@@ -22,8 +22,8 @@ from calm_pytorch.helpers import typecheck
 # (`cross_attns.*`, nothing of the frozen models) and its string metadata holds
 #   calm_format - 'calm-composition'
 #   calm_wiring - JSON: which augment layer feeds which anchor layer, at what widths and heads
-#   calm_sha256 - a digest of the wiring and every tensor byte: safetensors has no checksum of
-#                 its own, and a flipped byte must not load silently
+#   calm_sha256 - a digest of the wiring, the tensor index and every tensor byte: safetensors has
+#                 no checksum of its own, and a flipped byte must not load silently
 # One file keeps weights and wiring consistent with each other and lets one rename publish both.
 # safetensors holds raw tensors only, so loading never unpickles (never runs code).
 
@@ -89,9 +89,13 @@ def composition_wiring(calm: CALM) -> dict[str, Any]:
 
 # the file
 
-def digest(wiring_json: str, data: bytes) -> str:
+def digest(wiring_json: str, header: dict, data: bytes) -> str:
+    # covers the wiring, every tensor's name, dtype, shape and offsets, and every tensor byte
+    index = {key: info for key, info in header.items() if key != '__metadata__'}
+
     sha = hashlib.sha256()
     sha.update(wiring_json.encode())
+    sha.update(json.dumps(index, sort_keys = True).encode())
     sha.update(data)
     return sha.hexdigest()
 
@@ -123,21 +127,21 @@ def split_file(raw: bytes, path: Path) -> tuple[dict, bytes]:
 
     return header, data
 
-def read_header(raw: bytes, path: Path) -> tuple[dict, str, bytes]:
+def read_header(raw: bytes, path: Path) -> tuple[dict, dict, bytes]:
     header, data = split_file(raw, path)
     metadata = header.get('__metadata__') or {}
 
     if metadata.get('calm_format') != FORMAT or 'calm_wiring' not in metadata or 'calm_sha256' not in metadata:
         raise CheckpointError(f'{path} is a safetensors file but not a calm composition checkpoint (no calm wiring in its metadata); write one with `calm.save(path)`')
 
-    return metadata, metadata['calm_wiring'], data
+    return header, metadata, data
 
 @typecheck
 def read_wiring(path: str | os.PathLike) -> dict[str, Any]:
     """The wiring stored in a composition checkpoint, without loading its weights."""
     path = Path(path)
-    metadata, wiring_json, _ = read_header(read_bytes(path), path)
-    return parse_wiring(wiring_json, path)
+    _, metadata, _ = read_header(read_bytes(path), path)
+    return parse_wiring(metadata['calm_wiring'], path)
 
 def parse_wiring(wiring_json: str, path: Path) -> dict[str, Any]:
     try:
@@ -171,8 +175,8 @@ def save_composition(calm: CALM, path: str | os.PathLike) -> Path:
     # the tensor bytes do not depend on the metadata: serialise once to hash them, then again with the hash
 
     metadata = dict(format = 'pt', calm_format = FORMAT, calm_wiring = wiring_json)
-    _, data = split_file(save_safetensors(tensors, metadata = metadata), path)
-    raw = save_safetensors(tensors, metadata = {**metadata, 'calm_sha256': digest(wiring_json, data)})
+    header, data = split_file(save_safetensors(tensors, metadata = metadata), path)
+    raw = save_safetensors(tensors, metadata = {**metadata, 'calm_sha256': digest(wiring_json, header, data)})
 
     return atomic_write_bytes(path, raw)
 
@@ -184,9 +188,10 @@ def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     raw = read_bytes(path)
-    metadata, wiring_json, data = read_header(raw, path)
+    header, metadata, data = read_header(raw, path)
+    wiring_json = metadata['calm_wiring']
 
-    if digest(wiring_json, data) != metadata['calm_sha256']:
+    if digest(wiring_json, header, data) != metadata['calm_sha256']:
         raise CheckpointError(f'{path} is corrupted: its content does not match the checksum written with it')
 
     wiring = parse_wiring(wiring_json, path)
@@ -225,7 +230,7 @@ def check_fits(calm: CALM, saved: dict[str, Any], tensors: dict[str, Tensor], pa
     ]
 
     if len(shapes) > 0:
-        problems.append(f'tensor shapes differ: {listed(shapes)}')
+        problems.append(f'tensor shapes differ: {listed(shapes, sep = "; ")}')
 
     if len(problems) == 0:
         return
@@ -269,6 +274,6 @@ def wiring_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def pairs(connections: dict) -> str:
     return ', '.join(f'({a}, {b})' for a, b in connections) or 'none'
 
-def listed(keys: list[str]) -> str:
-    shown = ', '.join(keys[:MAX_LISTED])
+def listed(keys: list[str], sep: str = ', ') -> str:
+    shown = sep.join(keys[:MAX_LISTED])
     return shown if len(keys) <= MAX_LISTED else f'{shown} and {len(keys) - MAX_LISTED} more'
