@@ -12,6 +12,14 @@ from conftest import decoder, tokens
 
 ATTN = dict(heads = 2, dim_head = 16)
 
+@pytest.fixture(autouse = True)
+def one_thread():
+    # tiny models: on a shared machine, intra-op threads only wait for each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def compose(anchor, augments, **kwargs) -> CALM:
     return CALM(anchor, augments, attn_kwargs = kwargs.pop('attn_kwargs', ATTN), **kwargs)
 
