@@ -90,8 +90,9 @@ def setup_distributed(device: str | torch.device | None = None, backend: str | N
 def wrap_for_ddp(calm: Module, distributed: Distributed, find_unused_parameters: bool = False) -> Module:
     """DistributedDataParallel around the whole CALM, so that its forward (which runs the
     cross-attentions from hooks inside the anchor) is the one DDP watches. Only the trainable
-    composition weights take part: the frozen models are neither broadcast at the start nor
-    all-reduced, and their buffers are not re-broadcast every step."""
+    composition weights take part: they are broadcast from rank 0 at the start and all-reduced
+    every step. The frozen models' parameters and buffers are listed as ignored, so they are
+    neither broadcast (each process loads its own copy) nor synchronised every forward."""
 
     if not distributed.enabled:
         return calm
@@ -105,6 +106,5 @@ def wrap_for_ddp(calm: Module, distributed: Distributed, find_unused_parameters:
     return DistributedDataParallel(
         calm,
         device_ids = [distributed.device.index] if distributed.device.type == 'cuda' else None,
-        broadcast_buffers = False,
         find_unused_parameters = find_unused_parameters
     )
