@@ -2,12 +2,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import islice
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from calm_pytorch.helpers import exists
+
+@runtime_checkable
+class MapDataset(Protocol):
+    """What the trainer can shard: a torch map-style Dataset, a list, a Hugging Face dataset..."""
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Any: ...
 
 class ResumableDistributedSampler(DistributedSampler):
     """A DistributedSampler that can start partway into an epoch: a resumed run sees exactly the

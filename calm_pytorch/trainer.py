@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils import clip_grad_norm_
 from torch.optim import AdamW
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from calm_pytorch.calm import CALM
-from calm_pytorch.data import ResumableDistributedSampler, as_kwargs, to_device
+from calm_pytorch.data import MapDataset, ResumableDistributedSampler, as_kwargs, to_device
 from calm_pytorch.distributed import setup_distributed, wrap_for_ddp
 from calm_pytorch.helpers import exists, typecheck
 from calm_pytorch.loss import next_token_loss
@@ -47,7 +47,7 @@ class FineTuner:
     def __init__(
         self,
         calm: CALM,
-        dataset: Dataset | Sequence,
+        dataset: MapDataset,
         *,
         num_train_steps: int,
         batch_size: int = 8,
