@@ -100,6 +100,27 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [step for step, _ in checkpoints(tmp_path)] == [15, 20]
     assert load_training_state(tmp_path / 'step-00000020')['step'] == 20
 
+def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import calm_pytorch.training_state as training_state
+
+    tuner = finetuner(build(), synthetic(8), checkpoint_dir = tmp_path, checkpoint_every = 2, num_train_steps = 4)
+    tuner.train(num_steps = 2)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. the job is killed while trainer_state.pt is written
+
+    monkeypatch.setattr(training_state.torch, 'save', crash)
+
+    with pytest.raises(KeyboardInterrupt):
+        tuner.train()
+
+    monkeypatch.undo()
+
+    assert [path.name for path in tmp_path.iterdir()] == ['step-00000002']  # no half directory, hidden or not
+
+    resumed = finetuner(build(), synthetic(8), checkpoint_dir = tmp_path, num_train_steps = 4, resume = True)
+    assert resumed.step == 2
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     tuner = finetuner(build(), synthetic(8), checkpoint_dir = tmp_path / 'empty', resume = True)
     assert tuner.step == 0
