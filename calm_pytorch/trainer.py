@@ -109,12 +109,6 @@ class FineTuner:
         self.seed = seed
         self.progress = progress
 
-        # processes and device
-
-        self.distributed = setup_distributed(device, backend)
-        self.device = self.distributed.device
-        calm.to(self.device)
-
         # what is trained: the composition weights, and nothing else
 
         trainable = {name: param for name, param in calm.named_parameters() if param.requires_grad}
@@ -128,6 +122,12 @@ class FineTuner:
 
         if len(trainable) == 0:
             raise ValueError('the CALM has no trainable parameters: calm.cross_attns is frozen (requires_grad=False)')
+
+        # processes and device
+
+        self.distributed = setup_distributed(device, backend)
+        self.device = self.distributed.device
+        calm.to(self.device)
 
         self.params = list(trainable.values())
         self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters)
@@ -185,6 +185,7 @@ class FineTuner:
         self.batch_in_epoch = 0  # micro-batches this process took from the current epoch
         self.history: list[dict[str, Any]] = []
         self.batches = None
+        self.saved_step: int | None = None  # the step of the last checkpoint written or loaded
 
         if resume:
             path = Path(resume) if isinstance(resume, (str, os.PathLike)) else latest_checkpoint(self.checkpoint_dir)
@@ -269,7 +270,6 @@ class FineTuner:
         self.model.train()
 
         bar = tqdm(total = self.num_train_steps, initial = self.step, desc = 'training', dynamic_ncols = True, disable = not (self.progress and self.distributed.is_main))
-        saved_at = None
 
         try:
             while self.step < until:
@@ -288,12 +288,11 @@ class FineTuner:
 
                 if exists(self.checkpoint_every) and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
-                    saved_at = self.step
         finally:
             bar.close()
 
         # the state a run ends in is always worth keeping
-        if exists(self.checkpoint_dir) and saved_at != self.step and len(self.history) > 0:
+        if exists(self.checkpoint_dir) and self.saved_step != self.step and self.step > 0:
             self.save_checkpoint()
 
         return self.history
@@ -342,6 +341,7 @@ class FineTuner:
 
         # nobody runs ahead (and maybe resumes from a half-written directory after a crash)
         self.distributed.barrier()
+        self.saved_step = self.step
         return path
 
     @typecheck
@@ -354,7 +354,7 @@ class FineTuner:
 
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
-        self.step = state['step']
+        self.step = self.saved_step = state['step']
 
         # the data position is kept in samples of the whole run, so a run resumed with the same
         # world size and batch size continues with exactly the batches it would have seen
