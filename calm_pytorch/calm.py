@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +168,7 @@ class CALM(Module):
         ])
 
         self.augment_keys = augment_keys
+        self.anchor_positions = anchor_positions  # per anchor layer, saved with the wiring
         self.augment_is_causal: list[bool | None] = [None] * len(augments)  # probed on first aligned use
         self.hooks_removed = False
 
@@ -196,6 +200,25 @@ class CALM(Module):
                 param.requires_grad_(requires_grad)
 
         self.hooks_removed = True
+
+    # composition checkpoints: the learned weights and the wiring, nothing of the frozen models
+    # (see calm_pytorch/checkpoint.py; imported here lazily, as it imports this module)
+
+    def composition_state_dict(self) -> dict[str, Tensor]:
+        """The composition weights only, keyed as in `state_dict()`: `cross_attns.0.1.to_q.weight`, ..."""
+        from calm_pytorch.checkpoint import composition_state_dict
+        return composition_state_dict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the composition weights (safetensors) and wiring (JSON in its metadata) to `path`, atomically."""
+        from calm_pytorch.checkpoint import save_composition
+        return save_composition(self, path)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Loads a checkpoint written by `save` into this composition over the same frozen models.
+        A mismatched wiring or a damaged file is an error, and then nothing is loaded."""
+        from calm_pytorch.checkpoint import load_composition
+        return load_composition(self, path)
 
     # forward
 

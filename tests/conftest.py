@@ -12,6 +12,14 @@ MAX_SEQ_LEN = 64
 def seed():
     torch.manual_seed(0)
 
+@pytest.fixture(autouse = True)
+def one_thread():
+    # tiny models: on a shared machine, intra-op threads only wait for each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def decoder(dim: int = 32, depth: int = 4, heads: int = 2, **kwargs) -> TransformerWrapper:
     return TransformerWrapper(
         num_tokens = NUM_TOKENS,

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
+
+from calm_pytorch.helpers import exists
+
+IGNORE = -100
+
+def next_token_loss(model: Module, batch: dict) -> tuple[Tensor, Tensor]:
+    """The anchor's next-token cross-entropy *summed* over the predicted tokens, and their count.
+
+    CALM's own loss is a mean per call; a sum and a count let the trainer weight every token of a
+    step equally, however they fall into micro-batches, processes and padding. The labels follow
+    CALM's forward: `seq` shifted by one, masked positions and `pad_id` ignored.
+
+    model: the CALM, or the DistributedDataParallel around it (its forward must be the one called)
+    batch: `seq` (b, n), optionally `mask` (b, n) and anything else CALM's forward takes (`prompt`, ...)"""
+
+    calm = model.module if isinstance(model, DistributedDataParallel) else model
+    batch = dict(batch)
+    seq, mask = batch.pop('seq'), batch.pop('mask', None)
+
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+
+    if exists(mask):
+        mask = mask.bool()
+        labels = labels.masked_fill(~mask[:, 1:], IGNORE)
+        mask = mask[:, :-1]
+
+    labels = labels.masked_fill(labels == calm.pad_id, IGNORE)
+
+    logits = model(inputs, mask = mask, return_loss = False, **batch)
+
+    loss = F.cross_entropy(rearrange(logits.float(), 'b n c -> b c n'), labels, ignore_index = IGNORE, reduction = 'sum')
+    return loss, (labels != IGNORE).sum()
