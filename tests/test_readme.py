@@ -13,8 +13,9 @@ def python_snippets() -> list[str]:
 def test_readme_has_snippets():
     assert len(python_snippets()) >= 5
 
-def test_readme_snippets_run():
-    # the snippets build on each other, as a reader runs them top to bottom
+def test_readme_snippets_run(tmp_path, monkeypatch):
+    # the snippets build on each other, as a reader runs them top to bottom; files go to a temporary folder
+    monkeypatch.chdir(tmp_path)
     namespace = {}
     for snippet in python_snippets():
         exec(compile(snippet, str(README), 'exec'), namespace)
@@ -22,6 +23,8 @@ def test_readme_snippets_run():
     assert isinstance(namespace['loss'], torch.Tensor) and torch.isfinite(namespace['loss'])
     assert namespace['new_tokens'].shape == (2, 8)
     assert namespace['logits'].shape == (2, 64, 20000)
+    assert len(namespace['history']) == 4
+    assert (tmp_path / 'runs' / 'composition.safetensors').exists()
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (Path(__file__).parent.parent / '.ci' / 'run').read_text()
