@@ -43,8 +43,13 @@ class SegmentBlock(nn.Module):
         if mask is not None:
             padding = torch.cat((torch.zeros(b, s, dtype = torch.bool, device = x.device), ~mask), dim = -1)
 
-        state = state + self.state_attn(memory[:, :s], memory, memory, key_padding_mask = padding, need_weights = False)[0]
-        return x, state
+        new_state = state + self.state_attn(memory[:, :s], memory, memory, key_padding_mask = padding, need_weights = False)[0]
+
+        # a segment of padding only leaves the state as it was: right padding changes nothing
+        if mask is not None:
+            new_state = torch.where(mask.any(dim = -1)[:, None, None], new_state, state)
+
+        return x, new_state
 
 class SegmentLM(nn.Module):
     def __init__(self, num_tokens: int = 256, dim: int = 16, depth: int = 3, segment_len: int = 4, num_state_tokens: int = 2):
