@@ -41,10 +41,12 @@ class ModelAdapter:
         extract_blocks_fn: Callable[[Module], Sequence[Module]] | None = None,
         mask_kwarg: str | None = None,
         input_shape: tuple[int, ...] | None = None,
-        returns_hiddens: bool = False
+        returns_hiddens: bool = False,
+        logits_fn: Callable[[Any], Tensor] | None = None
     ):
         self.model = model
         self.name = name
+        self.logits_fn = logits_fn
         self.input_shape = input_shape
         self.returns_hiddens = returns_hiddens
         self.mask_kwarg = mask_kwarg if exists(mask_kwarg) else find_mask_kwarg(model)
@@ -121,6 +123,14 @@ class ModelAdapter:
         return self.model(inputs, **kwargs)
 
     def logits(self, output: Any) -> Tensor:
+        if exists(self.logits_fn):
+            logits = self.logits_fn(output)
+
+            if not isinstance(logits, Tensor):
+                raise TypeError(f'the logits_fn of {self.name} must return the logits tensor, got {type(logits).__name__} from an output of type {type(output).__name__}')
+
+            return logits
+
         if isinstance(output, Tensor):
             return output
 
@@ -130,7 +140,7 @@ class ModelAdapter:
         if isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], Tensor):
             return output[0]
 
-        raise TypeError(f'could not find logits in the output of {self.name} ({type(output).__name__}); expected a tensor, an object with `.logits`, or a tuple starting with the logits')
+        raise TypeError(f'could not find logits in the output of {self.name} ({type(output).__name__}); expected a tensor, an object with `.logits`, or a tuple starting with the logits. Pass a function picking them, e.g. `anchor_logits_fn=lambda output: output[1]`')
 
     def check_length(self, inputs: Tensor, arg_name: str):
         if exists(self.max_seq_len) and inputs.shape[-1] > self.max_seq_len:

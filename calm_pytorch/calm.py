@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from calm_pytorch.generation import sample
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
 from calm_pytorch.params import AugmentParams, HiddenPosition
+from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
+from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
 from calm_pytorch.wiring import default_connections, validate_connections
 
 # data flows one way:
@@ -44,7 +46,9 @@ class CALM(Module):
         frozen_in_eval_mode: bool = True,
         augment_llm: AugmentParams | Module | Sequence[AugmentParams | Module] | None = None,
         dim_anchor: int | None = None,
-        dim_augment: int | Sequence[int] | None = None
+        dim_augment: int | Sequence[int] | None = None,
+        anchor_logits_fn: Callable[[Any], Tensor] | None = None,
+        composition_dtype: CompositionDtype = torch.float32
     ):
         super().__init__()
 
@@ -76,7 +80,8 @@ class CALM(Module):
             anchor_llm,
             name = 'anchor_llm',
             blocks = anchor_transformer_blocks,
-            extract_blocks_fn = anchor_extract_blocks_fn
+            extract_blocks_fn = anchor_extract_blocks_fn,
+            logits_fn = anchor_logits_fn
         )
 
         self.augment_adapters = [
@@ -123,7 +128,13 @@ class CALM(Module):
             positions = positions_per_layer(augment.hidden_position, self.num_augment_layers[index], f'augment_llms[{index}].hidden_position')
             augment_keys.append([(augment_layer - 1, positions[augment_layer - 1]) for augment_layer, _ in connections])
 
-        augment_dims = [augment_widths(adapter, keys) for adapter, keys in zip(self.augment_adapters, augment_keys)]
+        # a segment-recurrent augment may offer its final state tokens instead of its hidden states
+        self.reads_final_state = [check_recurrent_context(augment, adapter, keys, index) for index, (augment, adapter, keys) in enumerate(zip(augments, self.augment_adapters, augment_keys))]
+
+        augment_dims = [
+            final_state_widths(adapter, keys) if final_state else augment_widths(adapter, keys)
+            for adapter, keys, final_state in zip(self.augment_adapters, augment_keys, self.reads_final_state)
+        ]
 
         if exists(dim_augment):
             given = cast_tuple(dim_augment, len(augments))
@@ -142,9 +153,10 @@ class CALM(Module):
             for index in range(len(augments))
         ])
 
-        anchor_param = next(anchor_llm.parameters(), None)
-        if exists(anchor_param):
-            self.cross_attns.to(anchor_param.device)
+        # the composition lives on the anchor's device, in float32 unless asked otherwise
+        # (`composition_dtype = 'anchor'` follows the anchor's dtype)
+
+        self.cross_attns.to(device = model_device(anchor_llm), dtype = resolve_composition_dtype(composition_dtype, anchor_llm))
 
         # freeze the models, remembering their state so that removing the hooks restores them
 
@@ -159,7 +171,10 @@ class CALM(Module):
 
         # hooks: recorders on the connected augment sites, one injector over the anchor sites
 
-        self.recorders = [HiddenRecorder(adapter, keys) for adapter, keys in zip(self.augment_adapters, augment_keys)]
+        self.recorders = [
+            HiddenRecorder(adapter, keys, final_state = final_state)
+            for adapter, keys, final_state in zip(self.augment_adapters, augment_keys, self.reads_final_state)
+        ]
 
         self.injector = AnchorInjector([
             (site, Connection(index, key, cross_attn))
@@ -262,7 +277,9 @@ class CALM(Module):
 
         contexts = self.augment_contexts(seq, mask, prompt, prompt_mask)
 
-        with self.injector.composed(contexts):
+        # a segment-recurrent anchor reads seq over several calls of each block; the injector
+        # counts them to put each segment's queries at their positions
+        with self.injector.composed(contexts, query_len = seq.shape[-1]):
             logits = self.anchor_adapter.logits(self.anchor_adapter(seq, mask, **anchor_kwargs))
 
         if not return_loss:
@@ -351,20 +368,40 @@ class CALM(Module):
 
             adapter.check_length(inputs, 'seq' if aligned else arg)
 
+            # each augment reads its input on its own device (and a float input in its own dtype)
+            inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
+            inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
+
+            # token inputs may be cut into segments by a segment-recurrent augment: the recorder
+            # stops its forward once the segments cover them
+            expected_len = inputs.shape[-1] if not exists(adapter.input_shape) else None
+
             with torch.no_grad():
-                hiddens = recorder(lambda: adapter(inputs, inputs_mask))
+                hiddens = recorder(lambda: adapter(inputs, inputs_mask), expected_len)
+
+            if self.reads_final_state[index]:
+                # every state token is real; the augment saw the padding through its mask argument
+                contexts.append(AugmentContext(clean_context(hiddens, None, f'augment {index}'), None, causal = False))
+                continue
 
             if exists(inputs_mask) and not aligned:
                 length = next(iter(hiddens.values())).shape[-2]
                 if inputs_mask.shape[-1] != length:
                     raise ValueError(f'`{arg}_mask` covers {inputs_mask.shape[-1]} positions, but augment {index} produced {length} hidden positions')
 
+            hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
             contexts.append(AugmentContext(hiddens, inputs_mask, causal = aligned))
 
         return contexts
 
     def check_aligned(self, index: int):
         adapter = self.augment_adapters[index]
+
+        if self.reads_final_state[index]:
+            raise ValueError(
+                f"augment {index} has recurrent_context='final_state': its final state summarises the whole input, "
+                'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode)'
+            )
 
         if exists(adapter.input_shape):
             raise ValueError(f'augment {index} takes inputs of shape {adapter.input_shape}, not tokens, so it cannot read `seq`; pass its input as `prompt=`')
@@ -422,6 +459,30 @@ def augment_widths(adapter: ModelAdapter, keys) -> dict:
 
     sites = {key: adapter.layers[key[0]].site(key[1]) for key in keys}
     dims = adapter.probe(list(sites.values())).dims
+    return {key: dims[site.key] for key, site in sites.items()}
+
+def check_recurrent_context(augment: AugmentParams, adapter: ModelAdapter, keys, index: int) -> bool:
+    """True when the augment offers its final state tokens as the context."""
+
+    name = f'augment_llms[{index}].recurrent_context'
+
+    if augment.recurrent_context not in RECURRENT_CONTEXTS:
+        raise ValueError(f"`{name}` must be one of {RECURRENT_CONTEXTS}, got {augment.recurrent_context!r}")
+
+    if augment.recurrent_context == 'all_segments':
+        return False
+
+    if adapter.returns_hiddens:
+        raise ValueError(f"`{name}` = 'final_state' reads the state its blocks return, so it needs the blocks; it cannot be used with model_return_hiddens = True")
+
+    if any(position != 'output' for _, position in keys):
+        raise ValueError(f"`{name}` = 'final_state' reads the state a block returns: the connected layers need hidden_position = 'output'")
+
+    return True
+
+def final_state_widths(adapter: ModelAdapter, keys) -> dict:
+    sites = {key: adapter.layers[key[0]].site(key[1]) for key in keys}
+    dims = state_widths(adapter, list(sites.values()))
     return {key: dims[site.key] for key, site in sites.items()}
 
 def positions_per_layer(position, num_layers: int, name: str) -> tuple[HiddenPosition, ...]:

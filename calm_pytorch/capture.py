@@ -9,6 +9,7 @@ from torch import Tensor
 
 from calm_pytorch.adapters import ModelAdapter
 from calm_pytorch.params import HiddenPosition
+from calm_pytorch.recurrent import register_state_hook
 from calm_pytorch.sites import register_read_hook
 
 # recording an augment's hidden states: hooks sit only on the connected sites, record only while
@@ -23,13 +24,19 @@ class HiddenRecorder:
     def __init__(
         self,
         adapter: ModelAdapter,
-        layer_keys: list[LayerKey]
+        layer_keys: list[LayerKey],
+        *,
+        final_state: bool = False
     ):
         self.adapter = adapter
         self.layer_keys = list(dict.fromkeys(layer_keys))
+        self.final_state = final_state  # record the state tokens a recurrent block returns, keep the last
         self.recording: dict[LayerKey, list[Tensor]] | None = None
+        self.positions: dict[tuple, int] = {}  # hidden positions each site has returned in this forward
+        self.expected_len: int | None = None
         self.handles = []
         self.stop_site = None
+        self.fires_once = False
 
         if adapter.returns_hiddens:
             return
@@ -42,37 +49,54 @@ class HiddenRecorder:
             sites[site.key] = site
             readers[site.key].append((layer, position))
 
-        # early stop is safe when each recorded site fires once per forward;
-        # segment-recurrent blocks run several times, and then the whole forward runs
+        # the deepest connected site fires last: in the forward, or in each segment of a
+        # segment-recurrent model. A 2-token probe cannot tell whether a longer input is cut into
+        # segments, so the forward stops there only once that site has returned as many positions
+        # as the input has (see `should_stop`)
 
         probe = adapter.probe(list(sites.values()))
-        fires_once = all(probe.firing.count(key) == 1 for key in sites)
+        self.fires_once = all(probe.firing.count(key) == 1 for key in sites)
+        self.stop_site = probe.firing[-1]
 
-        if fires_once:
-            self.stop_site = probe.firing[-1]
+        register = register_state_hook if final_state else register_read_hook
 
         for key, site in sites.items():
-            self.handles.append(register_read_hook(site, partial(self.record, key, tuple(readers[key]))))
+            self.handles.append(register(site, partial(self.record, key, tuple(readers[key]))))
 
-    def record(self, site_key, layer_keys: tuple[LayerKey, ...], hidden: Tensor):
+    def record(self, site_key, layer_keys: tuple[LayerKey, ...], hidden: Tensor, state: Tensor | None = None):
         if self.recording is None:
             return  # the augment called on its own: a guest leaves no trace
 
         for layer_key in layer_keys:
-            self.recording[layer_key].append(hidden)
+            self.recording[layer_key].append(state if self.final_state else hidden)
 
-        if site_key == self.stop_site:
+        self.positions[site_key] = self.positions.get(site_key, 0) + hidden.shape[-2]
+
+        if site_key == self.stop_site and self.should_stop():
             raise StopForward
 
-    def __call__(self, run: Callable[[], object]) -> dict[LayerKey, Tensor]:
+    def should_stop(self) -> bool:
+        if self.expected_len is None:
+            # inputs of a fixed shape: the probe ran on that very shape
+            return self.fires_once
+
+        # token inputs: a segment-recurrent model is done once its segments cover the input;
+        # a model whose hidden length differs from its input length runs to the end (still correct)
+        return self.positions[self.stop_site] == self.expected_len
+
+    def __call__(self, run: Callable[[], object], expected_len: int | None = None) -> dict[LayerKey, Tensor]:
         """Runs the augment through `run` and returns the hidden state of every recorded layer,
-        the calls of a block run several times concatenated along the sequence."""
+        the calls of a block run several times concatenated along the sequence (with
+        `final_state`, the state tokens of its last call). `expected_len`: the number of input
+        positions when the input is a token sequence, which may be cut into segments."""
 
         if self.adapter.returns_hiddens:
             hiddens = run()
             return {(layer, position): hiddens[layer] for layer, position in self.layer_keys}
 
         self.recording = defaultdict(list)
+        self.positions = {}
+        self.expected_len = expected_len
 
         try:
             run()
@@ -80,6 +104,10 @@ class HiddenRecorder:
             pass
         finally:
             recording, self.recording = self.recording, None
+            self.positions, self.expected_len = {}, None
+
+        if self.final_state:
+            return {key: states[-1] for key, states in recording.items()}
 
         return {key: torch.cat(hiddens, dim = -2) if len(hiddens) > 1 else hiddens[0] for key, hiddens in recording.items()}
 

@@ -45,7 +45,8 @@ class CrossAttentionBlock(Module):
 
     def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """(b, j, dim_context) -> keys and values (b, h, j, d); computable once per context."""
-        context = context.to(self.to_kv.weight.dtype)
+        # the augment may run in another dtype, or on another device, than the composition
+        context = context.to(device = self.to_kv.weight.device, dtype = self.to_kv.weight.dtype)
         context = self.to_context(self.context_norm(context))
         kv = self.to_kv(context)
         return rearrange(kv, 'b j (kv h d) -> kv b h j d', kv = 2, h = self.heads).unbind(0)
@@ -57,29 +58,32 @@ class CrossAttentionBlock(Module):
         *,
         kv: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
-        causal: bool = False
+        causal: bool = False,
+        query_offset: int | None = None
     ) -> Tensor:
         """Returns the delta to add to `x`, in the dtype of `x`.
 
         x:       (b, i, dim) anchor hidden states
         context: (b, j, dim_context) augment hidden states, or `kv` already projected
         mask:    (b, j) True where the augment position is real (not padding)
-        causal:  aligned mode; query i sits at augment position i + (j - i) and sees keys up to it
+        causal:  aligned mode; query i sits at augment position i + query_offset and sees keys up to it
+        query_offset: j - i when None (the queries are the last positions); a segment of a
+                 segment-recurrent anchor covering positions [s, e) passes s
         """
         k, v = kv if exists(kv) else self.project_context(context)
         i, j = x.shape[-2], k.shape[-2]
 
-        q = self.to_q(self.norm(x.to(self.to_q.weight.dtype)))
+        q = self.to_q(self.norm(x.to(device = self.to_q.weight.device, dtype = self.to_q.weight.dtype)))
         q = rearrange(q, 'b i (h d) -> b h i d', h = self.heads)
 
         visible = None
 
         if exists(mask):
-            visible = rearrange(mask.bool(), 'b j -> b 1 1 j')
+            visible = rearrange(mask.to(device = k.device, dtype = torch.bool), 'b j -> b 1 1 j')
 
         if causal:
-            offset = j - i
-            causal_visible = torch.ones((i, j), device = x.device, dtype = torch.bool).tril(offset)
+            offset = query_offset if exists(query_offset) else j - i
+            causal_visible = torch.ones((i, j), device = k.device, dtype = torch.bool).tril(offset)
             visible = causal_visible if not exists(visible) else (visible & causal_visible)
 
         # a query that sees no key (its context is all padding) would be NaN: it attends to
@@ -97,4 +101,4 @@ class CrossAttentionBlock(Module):
             out = out.masked_fill(no_key, 0.)
 
         out = rearrange(out, 'b h i d -> b i (h d)')
-        return self.to_out(out).to(x.dtype)
+        return self.to_out(out).to(device = x.device, dtype = x.dtype)

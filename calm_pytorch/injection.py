@@ -31,6 +31,8 @@ class AnchorInjector:
 
     def __init__(self, connections_at: list[tuple[Site, Connection]]):
         self.contexts: list[AugmentContext] | None = None
+        self.query_len: int | None = None
+        self.positions_seen: dict[tuple[int, str], int] = {}  # per site, within one composed forward
 
         sites, connections = {}, defaultdict(list)
 
@@ -39,34 +41,50 @@ class AnchorInjector:
             connections[site.key].append(connection)
 
         self.handles = [
-            register_write_hook(site, partial(self.inject, tuple(connections[key])))
+            register_write_hook(site, partial(self.inject, key, tuple(connections[key])))
             for key, site in sites.items()
         ]
 
-    def inject(self, connections: tuple[Connection, ...], hidden: Tensor) -> Tensor | None:
+    def inject(self, site_key: tuple[int, str], connections: tuple[Connection, ...], hidden: Tensor) -> Tensor | None:
         if not exists(self.contexts):
             return None  # the anchor called on its own is left untouched
+
+        # where this call's queries sit, for the causal mask of aligned mode. A segment-recurrent
+        # anchor calls each block once per segment, so a call may cover positions [s, e) of the
+        # forward's `query_len`; the forward's queries end where the context ends (for a
+        # one-call forward this is the offset j - i)
+
+        seen = self.positions_seen.get(site_key, 0)
+        num_queries = hidden.shape[-2]
+        self.positions_seen[site_key] = seen + num_queries
+        total = max(seen + num_queries, self.query_len or 0)
 
         delta = 0.
 
         for connection in connections:
             context = self.contexts[connection.augment_index]
+            context_hiddens = context.hiddens[connection.augment_key]
             delta = delta + connection.cross_attn(
                 hidden,
-                context.hiddens[connection.augment_key],
+                context_hiddens,
                 mask = context.mask,
-                causal = context.causal
+                causal = context.causal,
+                query_offset = seen + context_hiddens.shape[-2] - total
             )
 
         return hidden + delta
 
     @contextmanager
-    def composed(self, contexts: list[AugmentContext]):
-        self.contexts = contexts
+    def composed(self, contexts: list[AugmentContext], query_len: int | None = None):
+        """query_len: how many positions the anchor reads in this forward (a segment-recurrent
+        anchor reads them over several calls of each block); None: each call's queries are the
+        last positions of the context."""
+
+        self.contexts, self.query_len, self.positions_seen = contexts, query_len, {}
         try:
             yield
         finally:
-            self.contexts = None
+            self.contexts, self.query_len, self.positions_seen = None, None, {}
 
     def remove(self):
         for handle in self.handles:

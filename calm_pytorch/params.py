@@ -22,6 +22,11 @@ class AugmentParams:
     connect_every_num_layers: the automatic wiring takes every n-th augment layer (the paper uses 4)
     mask_kwarg:              name of the forward argument that takes the padding mask
                              (found from the forward signature when None: 'mask' or 'attention_mask')
+    recurrent_context:       for a segment-recurrent model (blocks called once per segment, returning
+                             (output, state)): 'all_segments' attends to the hidden states of every
+                             segment, concatenated in order; 'final_state' to the state-token sequence
+                             the connected block returned after the last segment, a bounded-size
+                             summary of an input of any length (context mode only)
     """
 
     model: Module
@@ -33,3 +38,4 @@ class AugmentParams:
     connections: tuple[tuple[int, int], ...] | None = None
     connect_every_num_layers: int = 4
     mask_kwarg: str | None = None
+    recurrent_context: Literal['all_segments', 'final_state'] = 'all_segments'

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import operator
+
 # which augment layer feeds which anchor layer; layers are 1-indexed in execution order
 
 Connections = tuple[tuple[int, int], ...]
@@ -34,18 +36,29 @@ def validate_connections(
     augment_index: int = 0
 ) -> Connections:
     name = f'augment_llms[{augment_index}].connections'
+    expected = 'a non-empty tuple of (augment_layer, anchor_layer) pairs of ints, e.g. ((4, 2), (8, 4))'
+
+    if isinstance(connections, dict):
+        # a dict cannot send one augment layer to two anchor layers
+        raise TypeError(f'{name} must be {expected}, got a dict {connections!r}; write it as {tuple(connections.items())!r}')
 
     if not isinstance(connections, (tuple, list)) or len(connections) == 0:
-        raise TypeError(f'{name} must be a non-empty tuple of (augment_layer, anchor_layer) pairs, got {connections!r}')
+        raise TypeError(f'{name} must be {expected}, got {connections!r}')
+
+    if len(connections) == 2 and all(is_layer_index(i) for i in connections):
+        raise TypeError(f'{name} must be {expected}, got the single pair {tuple(connections)!r}; write it as ({tuple(connections)!r},)')
 
     validated = []
 
     for pair in connections:
         is_pair = isinstance(pair, (tuple, list)) and len(pair) == 2
-        if not is_pair or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
-            raise TypeError(f'{name} must hold (augment_layer, anchor_layer) pairs of ints, got {pair!r}')
+        if not is_pair or not all(is_layer_index(i) for i in pair):
+            types = f' (of types {", ".join(type(i).__name__ for i in pair)})' if isinstance(pair, (tuple, list)) else f' (a {type(pair).__name__})'
+            raise TypeError(f'{name} must be {expected}, got the entry {pair!r}{types}')
 
-        augment_layer, anchor_layer = pair
+        # numpy and 0-dim torch integers are fine: they are stored as plain ints
+        augment_layer, anchor_layer = (operator.index(i) for i in pair)
+        pair = (augment_layer, anchor_layer)
 
         if not 1 <= augment_layer <= num_augment_layers:
             raise ValueError(f'{name}: augment layer {augment_layer} in {tuple(pair)} is out of range; this augment has {num_augment_layers} layers, so valid layers are 1..{num_augment_layers} (1-indexed)')
@@ -59,3 +72,15 @@ def validate_connections(
         raise ValueError(f'{name} lists a connection twice: {tuple(validated)}')
 
     return tuple(validated)
+
+def is_layer_index(value) -> bool:
+    # an int, or an integer scalar of numpy / torch; never a bool, a float or a string
+    if isinstance(value, bool) or getattr(value, 'dtype', None) is not None and 'bool' in str(value.dtype):
+        return False
+
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+
+    return True
