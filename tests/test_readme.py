@@ -24,6 +24,8 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert namespace['new_tokens'].shape == (2, 8)
     assert namespace['logits'].shape == (2, 64, 20000)
     assert len(namespace['history']) == 4
+    for name in ('autocast_loss', 'summary_loss', 'recurrent_loss', 'picked_loss'):
+        assert torch.isfinite(namespace[name])
     assert (tmp_path / 'runs' / 'composition.safetensors').exists()
 
 def test_readme_test_command_is_what_ci_runs():
