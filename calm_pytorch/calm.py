@@ -305,7 +305,7 @@ class CALM(Module):
     @typecheck
     def composed(
         self,
-        prompt: Tensor | Sequence[Tensor],
+        prompt: Tensor | Sequence[Tensor | None],
         prompt_mask: Tensor | Sequence[Tensor | None] | None = None
     ) -> AbstractContextManager[Module]:
         """A context in which the anchor itself is composed (context mode): the augments read

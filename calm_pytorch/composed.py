@@ -72,7 +72,7 @@ class ContextsForBatch:
 @contextmanager
 def composed_anchor(
     calm: CALM,
-    prompt: Tensor | Sequence[Tensor],
+    prompt: Tensor | Sequence[Tensor | None],
     prompt_mask: Tensor | Sequence[Tensor | None] | None = None
 ) -> Iterator[Module]:
     if calm.hooks_removed:
