@@ -13,8 +13,8 @@ from calm_pytorch.adapters import Layer, ModelAdapter
 from calm_pytorch.helpers import exists
 
 # Hugging Face transformers models: where their blocks are and how to call them.
-# `transformers` is never imported here: a model can only be a transformers model if the user
-# already imported the library, so we look it up in sys.modules and the library stays optional.
+# `transformers` is never imported here: a model can only be a transformers model if its modeling
+# code was already imported, so we look it up in sys.modules and the library stays optional.
 
 Role = Literal['anchor', 'augment']
 
@@ -24,12 +24,12 @@ BLOCKS_HINT = (
 )
 
 def is_hf_model(model: Module) -> bool:
-    transformers = sys.modules.get('transformers')
+    modeling_utils = sys.modules.get('transformers.modeling_utils')
 
-    if not exists(transformers):
+    if not exists(modeling_utils):
         return False
 
-    pretrained = getattr(transformers, 'PreTrainedModel', None)
+    pretrained = getattr(modeling_utils, 'PreTrainedModel', None)
     return isinstance(pretrained, type) and isinstance(model, pretrained)
 
 def text_config(model: Module) -> Any:

@@ -8,6 +8,10 @@ from x_transformers import Decoder, Encoder, TransformerWrapper
 NUM_TOKENS = 256
 MAX_SEQ_LEN = 64
 
+# tiny models gain nothing from intra-op threads; on a shared, loaded machine the spinning
+# threads made every small matmul ~100x slower (the HF tests went from 20 s to 140 s)
+torch.set_num_threads(1)
+
 @pytest.fixture(autouse = True)
 def seed():
     torch.manual_seed(0)

@@ -41,6 +41,10 @@ def test_llama_anchor_with_gpt2_aligned_and_bert_plus_vit_in_context():
     loss.backward()
     assert all(param.grad is not None for param in calm.cross_attns.parameters())
 
+    # a bidirectional encoder would show the anchor the future in aligned mode
+    with pytest.raises(ValueError, match = r'augment 0 \(BertModel\) is not causal'):
+        calm(seq, prompt = [None, image])
+
     # a vision model cannot read the anchor's tokens
     with pytest.raises(ValueError, match = r'takes inputs of shape \(3, 16, 16\).*`prompt=`'):
         calm(seq, prompt = [document, None])

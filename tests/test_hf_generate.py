@@ -11,9 +11,13 @@ ATTN = dict(heads = 2, dim_head = 16)
 # greedy decoding of 6 new tokens, never stopping early (no eos), so rows compare position by position
 GREEDY = dict(max_new_tokens = 6, do_sample = False, eos_token_id = None, pad_token_id = 0)
 
+INPUT_IDS = torch.randint(3, 100, (2, 5), generator = torch.Generator().manual_seed(0))
+
 @pytest.fixture
 def setup():
-    anchor = llama(depth = 2)
+    anchor = llama(depth = 2).eval()
+    before_wrapping = anchor.generate(INPUT_IDS, **GREEDY)
+
     augment = ENCODERS['bert'].build()
     calm = CALM(anchor, AugmentParams(model = augment, connections = ((1, 1), (2, 2))), attn_kwargs = ATTN)
 
@@ -21,15 +25,13 @@ def setup():
         for cross_attn in calm.cross_attns[0]:
             cross_attn.to_out.weight.normal_(std = 2.)
 
-    input_ids = torch.randint(3, 100, (2, 5))
     document = torch.randint(3, 100, (2, 7))
     document_mask = torch.ones_like(document, dtype = torch.bool)
     document_mask[1, 4:] = False
-    return calm, anchor, input_ids, document, document_mask
+    return calm, anchor, INPUT_IDS, document, document_mask, before_wrapping
 
 def test_cached_and_uncached_greedy_agree_and_differ_from_the_plain_anchor(setup):
-    calm, anchor, input_ids, document, document_mask = setup
-    before = anchor.generate(input_ids, **GREEDY)
+    calm, anchor, input_ids, document, document_mask, before = setup
 
     with calm.composed(document, document_mask) as composed:
         assert composed is anchor
@@ -39,12 +41,12 @@ def test_cached_and_uncached_greedy_agree_and_differ_from_the_plain_anchor(setup
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, before)
 
-    # after the context, the anchor generates exactly what it did before
+    # after the context, the anchor generates exactly what it did before wrapping
     assert torch.equal(anchor.generate(input_ids, **GREEDY), before)
     assert calm.injector.contexts is None
 
 def test_composed_generation_matches_the_composed_forward(setup):
-    calm, anchor, input_ids, document, document_mask = setup
+    calm, anchor, input_ids, document, document_mask, _ = setup
 
     with calm.composed(document, document_mask):
         out = anchor.generate(input_ids, **GREEDY)
@@ -54,7 +56,7 @@ def test_composed_generation_matches_the_composed_forward(setup):
     assert torch.equal(logits[:, input_ids.shape[-1] - 1:].argmax(dim = -1), out[:, input_ids.shape[-1]:])
 
 def test_beams_and_several_sequences_match_each_example_alone(setup):
-    calm, anchor, input_ids, document, document_mask = setup
+    calm, anchor, input_ids, document, document_mask, _ = setup
     beams = dict(GREEDY, num_beams = 3, num_return_sequences = 2)
 
     with calm.composed(document, document_mask):
@@ -70,7 +72,7 @@ def test_beams_and_several_sequences_match_each_example_alone(setup):
         assert torch.equal(together[2 * index:2 * index + 2], alone)
 
 def test_composed_exits_cleanly_on_an_exception(setup):
-    calm, anchor, input_ids, document, document_mask = setup
+    calm, anchor, input_ids, document, document_mask, _ = setup
     before = anchor(input_ids).logits
 
     with pytest.raises(RuntimeError, match = 'inside'):
@@ -89,7 +91,7 @@ def test_composed_exits_cleanly_on_an_exception(setup):
     assert torch.equal(anchor(input_ids).logits, before)
 
 def test_composed_is_context_mode_only_and_not_nested(setup):
-    calm, anchor, input_ids, document, document_mask = setup
+    calm, anchor, input_ids, document, document_mask, _ = setup
 
     with pytest.raises(ValueError, match = r'needs a tensor prompt for each of the 1 augments'):
         with calm.composed([None]):
