@@ -176,7 +176,8 @@ class HFAdapter(ModelAdapter):
 
     The padding mask of an augment also gives its `position_ids`, so that padding (on either
     side) never changes the hidden states of real tokens, even with absolute positions. The
-    anchor gets exactly what the user passes: `mask` as `attention_mask`, and any extra keywords."""
+    anchor gets exactly what the user passes: `mask` as `attention_mask`, and any extra keywords
+    (e.g. `use_cache=False` in training, to skip building a cache)."""
 
     @staticmethod
     def matches(model: Module) -> bool:
@@ -238,8 +239,10 @@ class HFAdapter(ModelAdapter):
         if exists(mask) and self.positions_from_mask:
             kwargs.setdefault('position_ids', positions_from_mask(mask))
 
-        # a composed forward never continues from a cache: building one is wasted work
-        if 'use_cache' in self.params:
+        # an augment's cache would be thrown away. The anchor is left alone: `use_cache=False`
+        # takes another attention path in some models (GPT-J, GPT-Neo), which changes the
+        # logits in the last bits, and an untrained composition must equal the anchor exactly
+        if self.role == 'augment' and 'use_cache' in self.params:
             kwargs.setdefault('use_cache', False)
 
         return self.target(**kwargs)

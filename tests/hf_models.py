@@ -54,6 +54,8 @@ DECODERS = {
     'gemma': Family(lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**LLAMA_LIKE, head_dim = 16, num_key_value_heads = 1)), 'model.layers', DIM),
     'opt': Family(lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size = VOCAB, hidden_size = DIM, word_embed_proj_dim = DIM, num_hidden_layers = DEPTH, num_attention_heads = 2, ffn_dim = 64, max_position_embeddings = 64, **TOKENS)), 'model.decoder.layers', DIM),
     'falcon': Family(lambda: transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size = VOCAB, hidden_size = DIM, num_hidden_layers = DEPTH, num_attention_heads = 2, **TOKENS)), 'transformer.h', DIM),
+    'gptj': Family(lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size = VOCAB, n_embd = DIM, n_layer = DEPTH, n_head = 2, rotary_dim = 8, n_positions = 64, **TOKENS)), 'transformer.h', DIM),
+    'gpt_neo': Family(lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(vocab_size = VOCAB, hidden_size = DIM, num_layers = DEPTH, num_heads = 2, attention_types = [[['global', 'local'], 1]], window_size = 4, max_position_embeddings = 64, **TOKENS)), 'transformer.h', DIM),
     'bloom': Family(lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size = VOCAB, hidden_size = DIM, n_layer = DEPTH, n_head = 2, **TOKENS)), 'transformer.h', DIM),
     'llava': Family(llava, 'model.language_model.layers', DIM),
 }
