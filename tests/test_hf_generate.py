@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import ENCODERS, gpt2, llama
+from hf_models import DECODERS, ENCODERS, gpt2, llama
 
 from calm_pytorch import CALM, AugmentParams
 
@@ -131,3 +131,27 @@ def test_generation_with_a_gpt2_anchor_and_a_padded_batch():
         alone = anchor.generate(input_ids[:1, 2:], **GREEDY)
 
     assert torch.equal(cached[0, 2:], alone[0])
+
+@pytest.mark.parametrize('family', list(DECODERS))
+def test_every_decoder_family_generates_composed(family):
+    anchor = DECODERS[family].build().eval()
+    input_ids, document = torch.randint(3, 100, (2, 4)), torch.randint(3, 100, (2, 6))
+    before = anchor.generate(input_ids, **GREEDY)
+    plain_logits = anchor(input_ids).logits
+
+    calm = CALM(anchor, AugmentParams(model = ENCODERS['bert'].build(), connections = ((1, 1), (2, 2))), attn_kwargs = ATTN)
+
+    with torch.no_grad():
+        for cross_attn in calm.cross_attns[0]:
+            cross_attn.to_out.weight.normal_(std = 2.)
+
+    with calm.composed(document):
+        cached = anchor.generate(input_ids, use_cache = True, **GREEDY)
+        uncached = anchor.generate(input_ids, use_cache = False, **GREEDY)
+        beams = anchor.generate(input_ids, num_beams = 2, num_return_sequences = 2, **GREEDY)
+        composed_logits = anchor(input_ids).logits
+
+    # (a tiny random model may still pick the same greedy tokens: its logits must differ)
+    assert torch.equal(cached, uncached) and not torch.allclose(composed_logits, plain_logits, atol = 1e-4)
+    assert beams.shape == (4, 10)
+    assert torch.equal(anchor.generate(input_ids, **GREEDY), before)
