@@ -100,3 +100,39 @@ def test_hf_model_without_a_recognisable_block_list():
 def test_encoder_decoder_anchor_is_refused():
     with pytest.raises(ValueError, match = r'encoder-decoder model; an anchor must be a decoder-only'):
         CALM(transformers.T5ForConditionalGeneration(t5_config()), gpt2())
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.net(x).tanh()
+
+def two_lists_model(draft_depth: int, num_hidden_layers: int = 2):
+    class TwoLists(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+        _no_split_modules = ['Block']
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(32, 8)
+            self.draft = nn.ModuleList([Block() for _ in range(draft_depth)])
+            self.layers = nn.ModuleList([Block() for _ in range(2)])
+
+        def forward(self, input_ids, attention_mask = None):
+            x = self.embed(input_ids)
+            for block in [*self.draft, *self.layers]:
+                x = block(x)
+            return x
+
+    return TwoLists(transformers.PretrainedConfig(num_hidden_layers = num_hidden_layers))
+
+def test_the_list_of_the_configured_depth_wins():
+    # two lists of the block class: the one whose length is the config's num_hidden_layers
+    assert find_hf_blocks(two_lists_model(draft_depth = 3))[0] == 'layers'
+    assert find_hf_blocks(two_lists_model(draft_depth = 3, num_hidden_layers = 3))[0] == 'draft'
+
+    # two of the same depth: an error naming both, never a guess
+    with pytest.raises(ValueError, match = r"several candidate block lists of depth 2: 'draft' \(2 x Block\), 'layers' \(2 x Block\)"):
+        find_hf_blocks(two_lists_model(draft_depth = 2))
