@@ -155,3 +155,20 @@ def test_every_decoder_family_generates_composed(family):
     assert torch.equal(cached, uncached) and not torch.allclose(composed_logits, plain_logits, atol = 1e-4)
     assert beams.shape == (4, 10)
     assert torch.equal(anchor.generate(input_ids, **GREEDY), before)
+
+def test_composed_works_for_any_anchor():
+    # not only transformers models: an x-transformers anchor called positionally, with a larger batch
+    from conftest import decoder, encoder, tokens
+
+    anchor = decoder()
+    calm = CALM(anchor, encoder(), attn_kwargs = ATTN)
+
+    with torch.no_grad():
+        calm.cross_attns[0][0].to_out.weight.normal_()
+
+    seq, document = tokens(), tokens(length = 6)
+    expected = calm(seq, prompt = document, return_loss = False)
+
+    with calm.composed(document):
+        assert torch.allclose(anchor(seq), expected, atol = 1e-6)
+        assert torch.allclose(anchor(seq.repeat_interleave(3, dim = 0)), expected.repeat_interleave(3, dim = 0), atol = 1e-5)
