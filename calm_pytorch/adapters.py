@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from calm_pytorch.helpers import exists
+from calm_pytorch.names import is_named, resolve_blocks
 from calm_pytorch.params import HiddenPosition
 from calm_pytorch.sites import Site, register_read_hook
 
@@ -58,6 +59,9 @@ class ModelAdapter:
 
         if exists(extract_blocks_fn):
             blocks = extract_blocks_fn(model)
+
+        if exists(blocks) and is_named(blocks):
+            blocks = resolve_blocks(model, blocks, name = name)
 
         if exists(blocks):
             self.layers = self.layers_from_blocks(blocks)
@@ -242,6 +246,13 @@ class XTransformersAdapter(ModelAdapter):
         inputs = [Site(attn_layers, 'input'), *outputs[:-1]]
         return [Layer(input, output) for input, output in zip(inputs, outputs)]
 
-def make_adapter(model: Module, **kwargs) -> ModelAdapter:
+def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdapter:
+    # role ('anchor' or 'augment') matters to transformers models only: an augment's padding
+    # mask also gives its position ids, and an encoder-decoder can only be an augment
+    from calm_pytorch.hf import HFAdapter
+
+    if HFAdapter.matches(model):
+        return HFAdapter(model, role = role, **kwargs)
+
     adapter_class = XTransformersAdapter if XTransformersAdapter.matches(model) else ModelAdapter
     return adapter_class(model, **kwargs)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch.nn import Module, ModuleList
 
 from calm_pytorch.adapters import ModelAdapter, make_adapter
 from calm_pytorch.capture import HiddenRecorder
+from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock
 from calm_pytorch.generation import sample
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
@@ -20,6 +22,7 @@ from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
 from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
+from calm_pytorch.summary import summarize
 from calm_pytorch.wiring import default_connections, validate_connections
 
 # data flows one way:
@@ -40,7 +43,7 @@ class CALM(Module):
         *,
         attn_kwargs: dict = dict(heads = 8, dim_head = 64),
         anchor_extract_blocks_fn = None,
-        anchor_transformer_blocks: Sequence[Module] | ModuleList | None = None,
+        anchor_transformer_blocks: str | Sequence[Module | str] | ModuleList | None = None,
         anchor_hidden_position: HiddenPosition | tuple[HiddenPosition, ...] = 'output',
         pad_id: int = -1,
         frozen_in_eval_mode: bool = True,
@@ -79,6 +82,7 @@ class CALM(Module):
         self.anchor_adapter = make_adapter(
             anchor_llm,
             name = 'anchor_llm',
+            role = 'anchor',
             blocks = anchor_transformer_blocks,
             extract_blocks_fn = anchor_extract_blocks_fn,
             logits_fn = anchor_logits_fn
@@ -184,6 +188,7 @@ class CALM(Module):
 
         self.augment_keys = augment_keys
         self.anchor_positions = anchor_positions  # per anchor layer, saved with the wiring
+        self.anchor_sites = anchor_sites
         self.augment_is_causal: list[bool | None] = [None] * len(augments)  # probed on first aligned use
         self.hooks_removed = False
 
@@ -336,6 +341,28 @@ class CALM(Module):
 
         new = out[:, prompt.shape[-1]:]
         return F.pad(new, (0, num_new - new.shape[-1]), value = pad_id)
+
+    @typecheck
+    def composed(
+        self,
+        prompt: Tensor | Sequence[Tensor | None],
+        prompt_mask: Tensor | Sequence[Tensor | None] | None = None
+    ) -> AbstractContextManager[Module]:
+        """A context in which the anchor itself is composed (context mode): the augments read
+        `prompt` once, and every anchor call inside, its own `generate()` included (cache, beams,
+        sampling, num_return_sequences), cross-attends to them. Yields the anchor; on exit, even by
+        an exception, the anchor is plain again.
+
+            with calm.composed(prompt = document, prompt_mask = document_mask) as anchor:
+                out = anchor.generate(input_ids, max_new_tokens = 20)"""
+
+        return composed_anchor(self, prompt, prompt_mask)
+
+    def summary(self) -> str:
+        """Which augment layer feeds which anchor layer (by number and module name), and the
+        trainable versus frozen parameter counts."""
+
+        return summarize(self)
 
     def augment_contexts(
         self,

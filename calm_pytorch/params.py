@@ -14,7 +14,8 @@ class AugmentParams:
 
     model:                   the frozen augmenting model
     hidden_position:         read each block's 'input' or 'output' (one value, or one per block)
-    transformer_blocks:      the model's blocks, in any order (found automatically for x-transformers)
+    transformer_blocks:      the model's blocks, in any order, as modules or module names / glob patterns
+                             ("model.layers.*"); found automatically for x-transformers and transformers models
     extract_blocks_fn:       or a function model -> blocks
     model_return_hiddens:    the model's forward already returns a list of per-layer hidden states
     input_shape:             shape of one non-token input (e.g. (3, 224, 224) for images), without batch
@@ -31,7 +32,7 @@ class AugmentParams:
 
     model: Module
     hidden_position: HiddenPosition | tuple[HiddenPosition, ...] = 'output'
-    transformer_blocks: Sequence[Module] | ModuleList | None = None
+    transformer_blocks: str | Sequence[Module | str] | ModuleList | None = None
     extract_blocks_fn: Callable[[Module], Sequence[Module]] | None = None
     model_return_hiddens: bool = False
     input_shape: tuple[int, ...] | None = None

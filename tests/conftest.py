@@ -8,8 +8,8 @@ from x_transformers import Decoder, Encoder, TransformerWrapper
 NUM_TOKENS = 256
 MAX_SEQ_LEN = 64
 
-# the test models are tiny: one thread per process is much faster than a thread pool contending
-# for shared cores (measured 7x on 2 busy cores)
+# tiny models gain nothing from intra-op threads; on a shared, loaded machine the spinning
+# threads made every small matmul ~100x slower (the HF tests went from 20 s to 140 s)
 torch.set_num_threads(1)
 
 @pytest.fixture(autouse = True)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from calm_pytorch.helpers import exists
+from calm_pytorch.injection import AugmentContext
+
+if TYPE_CHECKING:
+    from calm_pytorch.calm import CALM
+
+# the anchor's own forward and generate(), composed in context mode: the augments run once on
+# their prompts, and every anchor call inside the `with` block cross-attends to what they recorded.
+# generate() may run the anchor on more rows than there are prompts (beams, num_return_sequences):
+# it expands each example into consecutive rows, so the context rows are repeated the same way,
+# once per batch size seen, not once per token
+
+def expand_context(context: AugmentContext, times: int) -> AugmentContext:
+    return AugmentContext(
+        hiddens = {key: hidden.repeat_interleave(times, dim = 0) for key, hidden in context.hiddens.items()},
+        mask = context.mask.repeat_interleave(times, dim = 0) if exists(context.mask) else None,
+        causal = context.causal
+    )
+
+def call_batch_size(args: tuple, kwargs: dict) -> int | None:
+    # transformers models are called with keywords, x-transformers and plain modules positionally
+    for key in ('input_ids', 'inputs_embeds'):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key].shape[0]
+
+    first = next((arg for arg in args if isinstance(arg, Tensor)), None)
+    return first.shape[0] if exists(first) else None
+
+class ContextsForBatch:
+    """Forward pre-hook on the anchor: before each call, hands the injector the contexts expanded
+    to the call's batch size. A hook object, not a closure, like every hook of the package."""
+
+    def __init__(self, calm: CALM, contexts: list[AugmentContext]):
+        self.injector = calm.injector
+        self.batch = next(iter(contexts[0].hiddens.values())).shape[0]
+        self.by_batch = {self.batch: contexts}
+
+    def owns(self, contexts) -> bool:
+        return any(contexts is own for own in self.by_batch.values())
+
+    def for_batch(self, batch: int) -> list[AugmentContext]:
+        if batch not in self.by_batch:
+            if batch % self.batch != 0:
+                raise ValueError(
+                    f'the anchor was called with batch size {batch} inside `composed(...)`, whose prompts have batch size {self.batch}; '
+                    f'the anchor\'s batch must be a multiple of it (each example repeated, e.g. for beams or num_return_sequences)'
+                )
+
+            self.by_batch[batch] = [expand_context(context, batch // self.batch) for context in self.by_batch[self.batch]]
+
+        return self.by_batch[batch]
+
+    def __call__(self, module: Module, args: tuple, kwargs: dict):
+        # a CALM forward inside the block sets its own contexts: leave them alone
+        if exists(self.injector.contexts) and not self.owns(self.injector.contexts):
+            return None
+
+        batch = call_batch_size(args, kwargs)
+        self.injector.contexts = self.for_batch(batch if exists(batch) else self.batch)
+        return None
+
+@contextmanager
+def composed_anchor(
+    calm: CALM,
+    prompt: Tensor | Sequence[Tensor | None],
+    prompt_mask: Tensor | Sequence[Tensor | None] | None = None
+) -> Iterator[Module]:
+    if calm.hooks_removed:
+        raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
+
+    if exists(calm.injector.contexts):
+        raise RuntimeError('the anchor is already composed: `composed(...)` blocks cannot be nested or entered during a CALM forward')
+
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(calm.augments)
+
+    if len(prompts) != len(calm.augments) or not all(isinstance(one, Tensor) for one in prompts):
+        given = [type(one).__name__ for one in prompts]
+        raise ValueError(
+            f'`composed(prompt=...)` needs a tensor prompt for each of the {len(calm.augments)} augments (context mode only), got {given}; '
+            'for aligned mode (the augment reading the anchor\'s own tokens) call the CALM itself'
+        )
+
+    # the prompts' batch is the reference: every prompt must share it
+    reference = torch.empty((prompts[0].shape[0], 0), dtype = torch.long, device = prompts[0].device)
+
+    with torch.no_grad():
+        contexts = calm.augment_contexts(reference, None, prompts, prompt_mask)
+
+    set_contexts = ContextsForBatch(calm, contexts)
+    handle = calm.anchor.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True)
+    calm.injector.contexts = contexts
+
+    try:
+        yield calm.anchor
+    finally:
+        handle.remove()
+        calm.injector.contexts = None

@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.nn import Module, ModuleList
+
+from calm_pytorch.adapters import Layer, ModelAdapter
+from calm_pytorch.helpers import exists
+
+# Hugging Face transformers models: where their blocks are and how to call them.
+# `transformers` is never imported here: a model can only be a transformers model if its modeling
+# code was already imported, so we look it up in sys.modules and the library stays optional.
+
+Role = Literal['anchor', 'augment']
+
+BLOCKS_HINT = (
+    'pass the blocks yourself: by name or glob pattern, e.g. `transformer_blocks="model.layers.*"` '
+    '(`anchor_transformer_blocks=` for the anchor), as modules, or with `extract_blocks_fn=lambda model: model.model.layers`'
+)
+
+def is_hf_model(model: Module) -> bool:
+    modeling_utils = sys.modules.get('transformers.modeling_utils')
+
+    if not exists(modeling_utils):
+        return False
+
+    pretrained = getattr(modeling_utils, 'PreTrainedModel', None)
+    return isinstance(pretrained, type) and isinstance(model, pretrained)
+
+def text_config(model: Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, 'get_text_config') else config
+
+def is_encoder_decoder(model: Module) -> bool:
+    return bool(getattr(model.config, 'is_encoder_decoder', False))
+
+# discovery
+#
+# measured on transformers 5.23 over 25 tiny models: the blocks are the ModuleList, inside the
+# decoder (or the encoder of an encoder-decoder), whose entries are the class that HF itself
+# records hidden states from (`_can_record_outputs`) or will not split across devices
+# (`_no_split_modules`), and whose length is the configured depth. The longest homogeneous list
+# alone picks the vision tower of Llava and the decoder of a full T5
+
+def discovery_root(model: Module) -> Module:
+    getter = 'get_encoder' if is_encoder_decoder(model) else 'get_decoder'
+
+    try:
+        root = getattr(model, getter)()
+    except (AttributeError, NotImplementedError, TypeError):
+        return model
+
+    return root if isinstance(root, Module) else model
+
+def block_classes(*modules: Module) -> tuple[tuple[type, ...], set[str]]:
+    classes, names = [], set()
+
+    for module in modules:
+        recorded = (getattr(type(module), '_can_record_outputs', None) or {}).get('hidden_states')
+        recorded = getattr(recorded, 'target_class', recorded)
+
+        if isinstance(recorded, type):
+            classes.append(recorded)
+
+        names.update(getattr(module, '_no_split_modules', None) or ())
+
+    return tuple(classes), names
+
+def module_lists(model: Module) -> list[tuple[str, ModuleList]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, ModuleList) and len(module) > 0]
+
+def describe_lists(lists: Sequence[tuple[str, ModuleList]]) -> str:
+    return ', '.join(f'{name!r} ({len(module)} x {type(module[0]).__name__})' for name, module in lists) or 'none'
+
+def find_hf_blocks(model: Module) -> tuple[str, ModuleList]:
+    """Returns the name and the ModuleList of the transformer blocks of a transformers model:
+    a decoder-only LM, an encoder, a vision encoder, the encoder of an encoder-decoder, or the
+    language model of a multimodal model."""
+
+    depth = getattr(text_config(model), 'num_hidden_layers', None)
+    root = discovery_root(model)
+    classes, class_names = block_classes(root, model)
+
+    def is_block(module: Module) -> bool:
+        return isinstance(module, classes) or type(module).__name__ in class_names
+
+    all_lists = module_lists(model)
+    root_ids = {id(module) for module in root.modules()}
+    under_root = [(name, blocks) for name, blocks in all_lists if id(blocks) in root_ids]
+
+    def of_depth(lists):
+        return [(name, blocks) for name, blocks in lists if not exists(depth) or len(blocks) == depth]
+
+    def homogeneous(blocks: ModuleList) -> bool:
+        return len({type(block) for block in blocks}) == 1
+
+    # most specific first: block classes under the root, anywhere, then any homogeneous list of the right depth
+
+    pools = [
+        [(name, blocks) for name, blocks in under_root if all(map(is_block, blocks))],
+        [(name, blocks) for name, blocks in all_lists if all(map(is_block, blocks))],
+        [(name, blocks) for name, blocks in under_root if homogeneous(blocks)] if exists(depth) else [],
+    ]
+
+    for pool in pools:
+        matching = of_depth(pool)
+
+        if len(matching) == 1:
+            return matching[0]
+
+        if len(matching) > 1:
+            raise ValueError(
+                f'{type(model).__name__} has several candidate block lists of depth {depth}: {describe_lists(matching)}; '
+                f'choose one and {BLOCKS_HINT}'
+            )
+
+    raise ValueError(
+        f'could not find the transformer blocks of {type(model).__name__}: no module list of its configured depth '
+        f'(num_hidden_layers = {depth}) holds its block class ({", ".join(sorted({*class_names, *(c.__name__ for c in classes)})) or "unknown"}). '
+        f'Its module lists: {describe_lists(all_lists)}. {BLOCKS_HINT}'
+    )
+
+# calling conventions
+
+def forward_params(module: Module) -> set[str]:
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+def image_input_shape(config: Any) -> tuple[int, ...] | None:
+    size = getattr(config, 'image_size', None)
+    channels = getattr(config, 'num_channels', 3)
+
+    if isinstance(size, int):
+        return (channels, size, size)
+
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (channels, *size)
+
+    return None
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    # position of each real token among the real tokens of its row, as HF generate computes it:
+    # padding on either side then never shifts the positions of the real tokens
+    return (mask.long().cumsum(dim = -1) - 1).clamp(min = 0)
+
+def position_tables(model: Module) -> list[torch.nn.Embedding]:
+    # learned absolute positions of the text model (`wpe` of GPT-2, `position_embeddings` of BERT,
+    # `embed_positions` of OPT), not those of a vision tower beside it
+    return [
+        module for name, module in discovery_root(model).named_modules()
+        if isinstance(module, torch.nn.Embedding) and ('pos' in name.rsplit('.', 1)[-1] or name.endswith('wpe'))
+    ]
+
+def learned_max_positions(model: Module) -> int | None:
+    # a learned position table fails with an index error past its end; rotary and relative
+    # positions have no hard limit
+    max_positions = getattr(text_config(model), 'max_position_embeddings', None)
+    return max_positions if isinstance(max_positions, int) and len(position_tables(model)) > 0 else None
+
+def counts_positions_from_padding(model: Module) -> bool:
+    # RoBERTa and its kin derive positions from the pad token, starting after `padding_idx`;
+    # 0-based position ids would shift every position, so they keep their own
+    return any(exists(table.padding_idx) for table in position_tables(model))
+
+class HFAdapter(ModelAdapter):
+    """A transformers model. Its blocks are found from the model itself; it is called with
+    keyword arguments (`input_ids` or `pixel_values`, `attention_mask`, `position_ids`); an
+    encoder-decoder augment runs its encoder only.
+
+    The padding mask of an augment also gives its `position_ids`, so that padding (on either
+    side) never changes the hidden states of real tokens, even with absolute positions. The
+    anchor gets exactly what the user passes: `mask` as `attention_mask`, and any extra keywords
+    (e.g. `use_cache=False` in training, to skip building a cache)."""
+
+    @staticmethod
+    def matches(model: Module) -> bool:
+        return is_hf_model(model)
+
+    def __init__(
+        self,
+        model: Module,
+        *,
+        name: str,
+        role: Role = 'augment',
+        input_shape: tuple[int, ...] | None = None,
+        mask_kwarg: str | None = None,
+        **kwargs
+    ):
+        self.role = role
+        self.blocks_name = None
+
+        if is_encoder_decoder(model) and role == 'anchor':
+            raise ValueError(
+                f'{name} ({type(model).__name__}) is an encoder-decoder model; an anchor must be a decoder-only language model '
+                f'(a *ForCausalLM, or a multimodal model whose language model is decoder-only). Its encoder can be an augment'
+            )
+
+        # an encoder-decoder augment contributes its encoder only: the decoder would need its own inputs
+        self.target = model.get_encoder() if is_encoder_decoder(model) else model
+        self.main_input = getattr(self.target, 'main_input_name', None) or 'input_ids'
+        self.params = forward_params(self.target)
+
+        if not exists(input_shape) and self.main_input == 'pixel_values':
+            input_shape = image_input_shape(model.config)
+
+        if not exists(mask_kwarg) and 'attention_mask' in self.params:
+            mask_kwarg = 'attention_mask'
+
+        self.positions_from_mask = (
+            role == 'augment' and 'position_ids' in self.params and
+            not exists(input_shape) and not counts_positions_from_padding(model)
+        )
+
+        super().__init__(model, name = name, input_shape = input_shape, mask_kwarg = mask_kwarg, **kwargs)
+
+        self.max_seq_len = None if exists(self.input_shape) else learned_max_positions(model)
+
+    def find_layers(self) -> list[Layer]:
+        try:
+            self.blocks_name, blocks = find_hf_blocks(self.model)
+        except ValueError as error:
+            raise ValueError(f'{self.name}: {error}') from None
+
+        return self.layers_from_blocks(blocks)
+
+    def __call__(self, inputs: Tensor, mask: Tensor | None = None, **kwargs) -> Any:
+        kwargs[self.main_input] = inputs
+
+        if exists(mask) and exists(self.mask_kwarg):
+            kwargs.setdefault(self.mask_kwarg, mask.long())
+
+        if exists(mask) and self.positions_from_mask:
+            kwargs.setdefault('position_ids', positions_from_mask(mask))
+
+        # an augment's cache would be thrown away. The anchor is left alone: `use_cache=False`
+        # takes another attention path in some models (GPT-J, GPT-Neo), which changes the
+        # logits in the last bits, and an untrained composition must equal the anchor exactly
+        if self.role == 'augment' and 'use_cache' in self.params:
+            kwargs.setdefault('use_cache', False)
+
+        return self.target(**kwargs)
