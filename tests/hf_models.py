@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
+import transformers
+from torch.nn import Module
 
-transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
-
-from torch.nn import Module  # noqa: E402
 
 VOCAB = 128
 DIM = 32

@@ -24,6 +24,11 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert namespace['new_tokens'].shape == (2, 8)
     assert namespace['logits'].shape == (2, 64, 20000)
     assert len(namespace['history']) == 4
+    # the Hugging Face section
+    assert namespace['greedy'].shape == (2, 16) and namespace['beams'].shape == (4, 16)
+    assert torch.equal(namespace['plain'], namespace['anchor'].generate(namespace['input_ids'], max_new_tokens = 8, do_sample = False))
+    assert len(namespace['calm'].anchor_adapter.layers) == 4
+
     for name in ('autocast_loss', 'summary_loss', 'recurrent_loss', 'picked_loss'):
         assert torch.isfinite(namespace[name])
     assert (tmp_path / 'runs' / 'composition.safetensors').exists()
