@@ -312,33 +312,47 @@ class CALM(Module):
 
         contexts = []
 
-        for index, (adapter, recorder, augment_prompt, augment_prompt_mask) in enumerate(zip(self.augment_adapters, self.recorders, prompts, prompt_masks)):
-            aligned = not exists(augment_prompt)
+        for index, (augment_prompt, augment_prompt_mask) in enumerate(zip(prompts, prompt_masks)):
             arg = f'prompt[{index}]' if isinstance(prompt, (list, tuple)) else 'prompt'
-
-            if aligned:
-                if exists(augment_prompt_mask):
-                    raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
-
-                self.check_aligned(index)
-                inputs, inputs_mask = seq, mask
-            else:
-                self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)
-                inputs, inputs_mask = augment_prompt, augment_prompt_mask.bool() if exists(augment_prompt_mask) else None
-
-            adapter.check_length(inputs, 'seq' if aligned else arg)
-
-            with torch.no_grad():
-                hiddens = recorder(lambda: adapter(inputs, inputs_mask))
-
-            if exists(inputs_mask) and not aligned:
-                length = next(iter(hiddens.values())).shape[-2]
-                if inputs_mask.shape[-1] != length:
-                    raise ValueError(f'`{arg}_mask` covers {inputs_mask.shape[-1]} positions, but augment {index} produced {length} hidden positions')
-
-            contexts.append(AugmentContext(hiddens, inputs_mask, causal = aligned))
+            contexts.append(self.augment_context(index, seq, mask, augment_prompt, augment_prompt_mask, arg))
 
         return contexts
+
+    def augment_context(
+        self,
+        index: int,
+        seq: Tensor,
+        mask: Tensor | None,
+        augment_prompt,
+        augment_prompt_mask,
+        arg: str = 'prompt'
+    ) -> AugmentContext:
+        """Runs augment `index` on its prompt, or on `seq` when the prompt is None (aligned)."""
+
+        adapter, recorder = self.augment_adapters[index], self.recorders[index]
+        aligned = not exists(augment_prompt)
+
+        if aligned:
+            if exists(augment_prompt_mask):
+                raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
+
+            self.check_aligned(index)
+            inputs, inputs_mask = seq, mask
+        else:
+            self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)
+            inputs, inputs_mask = augment_prompt, augment_prompt_mask.bool() if exists(augment_prompt_mask) else None
+
+        adapter.check_length(inputs, 'seq' if aligned else arg)
+
+        with torch.no_grad():
+            hiddens = recorder(lambda: adapter(inputs, inputs_mask))
+
+        if exists(inputs_mask) and not aligned:
+            length = next(iter(hiddens.values())).shape[-2]
+            if inputs_mask.shape[-1] != length:
+                raise ValueError(f'`{arg}_mask` covers {inputs_mask.shape[-1]} positions, but augment {index} produced {length} hidden positions')
+
+        return AugmentContext(hiddens, inputs_mask, causal = aligned)
 
     def check_aligned(self, index: int):
         adapter = self.augment_adapters[index]

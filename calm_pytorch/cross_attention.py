@@ -77,7 +77,8 @@ class CrossAttentionBlock(Module):
         if exists(mask):
             visible = rearrange(mask.bool(), 'b j -> b 1 1 j')
 
-        if causal:
+        # a single query (a decoding step) sits at the last augment position and sees every key
+        if causal and i > 1:
             offset = j - i
             causal_visible = torch.ones((i, j), device = x.device, dtype = torch.bool).tril(offset)
             visible = causal_visible if not exists(visible) else (visible & causal_visible)

@@ -18,6 +18,7 @@ class AugmentContext:
     hiddens: dict[LayerKey, Tensor]  # recorded hidden states, (b, j, dim_augment)
     mask: Tensor | None               # (b, j), True for real positions
     causal: bool                      # aligned mode: anchor position i sees augment positions <= i
+    kv: dict[CrossAttentionBlock, tuple[Tensor, Tensor]] | None = None  # keys and values already projected, per block (generation)
 
 @dataclass
 class Connection:
@@ -51,9 +52,11 @@ class AnchorInjector:
 
         for connection in connections:
             context = self.contexts[connection.augment_index]
+            kv = context.kv.get(connection.cross_attn) if exists(context.kv) else None
             delta = delta + connection.cross_attn(
                 hidden,
-                context.hiddens[connection.augment_key],
+                None if exists(kv) else context.hiddens[connection.augment_key],
+                kv = kv,
                 mask = context.mask,
                 causal = context.causal
             )
