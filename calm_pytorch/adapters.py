@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
@@ -190,6 +191,25 @@ class ModelAdapter:
 
         return hiddens
 
+    # incremental decoding: `decode` is the one interface generation uses for anchors and aligned
+    # augments. It is given the whole (left-padded) sequence so far and feeds the model only the
+    # positions its cache has not seen; a model without a cache recomputes everything
+
+    @property
+    def can_cache(self) -> bool:
+        return is_hf_causal_lm(self.model)
+
+    def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
+        """tokens: (b, n) the sequence so far, left-padded; mask: (b, n) True for real tokens.
+        state:  None recomputes the whole sequence; a DecodeState is updated in place (even when
+                a recorder stops the forward early) and only its unseen positions are computed.
+        Returns the model output for the computed positions: all n, or n - state.length."""
+
+        if is_hf_causal_lm(self.model):
+            return hf_decode(self.model, tokens, mask, state)
+
+        return self(tokens, mask if exists(mask) and not bool(mask.all()) else None)
+
     def is_causal(self, sites: Sequence[Site]) -> bool:
         """A perturbation probe: does changing the last token change hidden states before it?"""
 
@@ -205,6 +225,57 @@ class ModelAdapter:
                     return False
 
         return True
+
+@dataclass
+class DecodeState:
+    """One model's cache during one `generate` call. Anchor and augments each have their own."""
+    cache: Any = None  # x-transformers LayerIntermediates or an HF Cache; None before the first step
+    length: int = 0    # positions already in the cache
+
+def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
+    # (b, n) left-padded mask -> (b,) index of each row's first real token; None without padding
+    if not exists(mask) or bool(mask.all()):
+        return None
+
+    return (~mask).sum(dim = -1)
+
+def is_hf_causal_lm(model: Module) -> bool:
+    # any transformers model whose forward takes a cache: `*ForCausalLM`, or a base decoder model
+    transformers = sys.modules.get('transformers')
+
+    if not exists(transformers) or not isinstance(model, transformers.PreTrainedModel):
+        return False
+
+    if getattr(model.config, 'is_encoder_decoder', False):
+        return False
+
+    return 'past_key_values' in inspect.signature(model.forward).parameters
+
+def hf_decode(model: Module, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
+    """One decoding step of an HF model with `past_key_values`. Positions count real tokens only,
+    so a left-padded row sees the positions it would see alone."""
+
+    mask = mask.long() if exists(mask) else torch.ones_like(tokens)
+    position_ids = (mask.cumsum(dim = -1) - 1).clamp(min = 0)
+
+    if not exists(state):
+        return model(input_ids = tokens, attention_mask = mask, position_ids = position_ids, use_cache = False)
+
+    if not exists(state.cache):
+        # created here rather than returned by the model: a recorder may stop the forward after
+        # its deepest connected layer, and the cache object, filled in place, survives that
+        from transformers import DynamicCache
+        state.cache = DynamicCache(config = model.config)
+
+    start, state.length = state.length, tokens.shape[-1]
+
+    return model(
+        input_ids = tokens[:, start:],
+        attention_mask = mask,
+        position_ids = position_ids[:, start:],
+        past_key_values = state.cache,
+        use_cache = True
+    )
 
 def find_mask_kwarg(model: Module) -> str | None:
     try:
@@ -231,6 +302,48 @@ class XTransformersAdapter(ModelAdapter):
 
         if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
             self.max_seq_len = model.max_seq_len
+
+    @property
+    def can_cache(self) -> bool:
+        return bool(getattr(self.model, 'can_cache_kv', False))
+
+    def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
+        # left padding goes in as `seq_start_pos`, as in x-transformers' own generate: positions
+        # are shifted so each row starts at 0, and the padded keys are masked
+        seq_start_pos = left_pad_offsets(mask)
+
+        if not exists(state) or not self.can_cache:
+            return self.model(tokens, seq_start_pos = seq_start_pos)
+
+        from x_transformers.x_transformers import LayerIntermediates
+
+        # the cache is collected from the attention modules as they run instead of taken from the
+        # return value, which a recorder that stops the forward early never lets us see. Layers
+        # above the stop never run, now or at any later step, so their missing cache is never read
+        attn_layers = self.model.attn_layers
+        attentions = [attn_layers.layers[i][1] for i, layer_type in enumerate(attn_layers.layer_types) if layer_type == 'a']
+        captured = []
+
+        def capture(module, args, output):
+            output[1].layer_type = 'a'
+            captured.append(output[1])
+
+        start = state.length
+        handles = [attention.register_forward_hook(capture) for attention in dict.fromkeys(attentions)]
+
+        try:
+            return self.model(
+                tokens[:, start:],
+                cache = state.cache,
+                seq_start_pos = seq_start_pos,
+                input_not_include_cache = True  # only new positions go in, so hooks see only them
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+            state.cache = LayerIntermediates(attn_intermediates = captured, cache_length = tokens.shape[-1])
+            state.length = tokens.shape[-1]
 
     def find_layers(self) -> list[Layer]:
         attn_layers = self.model.attn_layers

@@ -16,7 +16,8 @@ from calm_pytorch.adapters import ModelAdapter, make_adapter
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock
-from calm_pytorch.generation import sample
+from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
+from calm_pytorch.generation import generate as generate_tokens
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
 from calm_pytorch.params import AugmentParams, HiddenPosition
@@ -296,25 +297,61 @@ class CALM(Module):
     @typecheck
     def generate(
         self,
-        prompt: Tensor,
+        prompt: Tensor | Sequence[Tensor],
         seq_len: int | None = None,
         *,
         max_new_tokens: int | None = None,
+        prompt_mask: Tensor | None = None,
         augment_prompt: Tensor | Sequence[Tensor | None] | None = None,
         augment_prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
         temperature: float = 1.,
+        filter_fn: Callable[[Tensor], Tensor] | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
         eos_id: int | None = None,
-        pad_id: int | None = None
+        pad_id: int | None = None,
+        use_cache: bool = True,
+        show_progress: bool | None = None
     ) -> Tensor:
-        """Continues `prompt` (b, n) through the composition; returns the new tokens (b, n_new),
-        `pad_id` after a row's `eos_id`. Give exactly one of `seq_len` (total length, prompt
-        included) and `max_new_tokens`. Without `augment_prompt` the augments read the sequence
-        being generated (aligned mode)."""
+        """Continues `prompt` through the composition; returns the new tokens (b, n_new).
+
+        prompt:              (b, n) token ids, or a list of 1-d prompts of different lengths
+                             (left-padded here)
+        seq_len:             total length, prompt included; or give `max_new_tokens` (exactly one)
+        prompt_mask:         (b, n) True for real tokens of a left-padded `prompt`
+        augment_prompt:      context mode: the augments' input (one, or one per augment; None there
+                             means aligned). Without it every augment reads the sequence being
+                             generated (aligned mode)
+        augment_prompt_mask: (b, m) True for real positions of `augment_prompt` (right-padded)
+        temperature:         divides the logits; 0 is greedy
+        filter_fn, top_k, top_p, min_p: applied to the tempered logits in that order
+                             (see `calm_pytorch.generation.sample`)
+        eos_id:              a row ends at its first `eos_id`; `pad_id` follows it, and generation
+                             stops once every row has ended
+        pad_id:              fills rows after their eos (default: the CALM's pad_id, or 0 if negative)
+        use_cache:           decode one token per step with KV caches (anchor and each aligned
+                             augment separately, context keys and values projected once);
+                             False recomputes the whole composition every step (for checking)
+        show_progress:       a progress bar; None shows it for 256 new tokens or more on a terminal"""
+
+        if self.hooks_removed:
+            raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
+
+        if not isinstance(prompt, Tensor):
+            if exists(prompt_mask):
+                raise ValueError('`prompt_mask` is for a padded prompt tensor; a list of prompts is padded here and needs none')
+
+            prompt, prompt_mask = left_pad(list(prompt))
 
         check_tokens(prompt, 'prompt')
+
+        if exists(prompt_mask):
+            prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
+            check_left_padded(prompt_mask)
+
+            if bool(prompt_mask.all()):
+                prompt_mask = None
 
         if exists(seq_len) == exists(max_new_tokens):
             raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')
@@ -324,23 +361,39 @@ class CALM(Module):
         if num_new < 1:
             raise ValueError(f'nothing to generate: `seq_len`={seq_len} is not longer than the prompt ({prompt.shape[-1]} tokens)' if exists(seq_len) else f'`max_new_tokens` must be at least 1, got {max_new_tokens}')
 
-        pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0)
-        out = prompt
-        done = torch.zeros(prompt.shape[0], dtype = torch.bool, device = prompt.device)
+        check_sampling(temperature, top_k, top_p, min_p)
 
-        for _ in range(num_new):
-            logits = self(out, prompt = augment_prompt, prompt_mask = augment_prompt_mask, return_loss = False)
-            token = sample(logits[:, -1], temperature = temperature, top_k = top_k, top_p = top_p, min_p = min_p)
-            token = token.masked_fill(done, pad_id)
-            out = torch.cat((out, token[:, None]), dim = -1)
+        num_augments = len(self.augments)
+        augment_prompts = per_augment(augment_prompt, num_augments, 'augment_prompt')
+        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'augment_prompt_mask')
 
-            if exists(eos_id):
-                done = done | (token == eos_id)
-                if done.all():
-                    break
+        # every position generated must fit the anchor, and each augment reading the sequence
 
-        new = out[:, prompt.shape[-1]:]
-        return F.pad(new, (0, num_new - new.shape[-1]), value = pad_id)
+        total = prompt.shape[-1] + num_new
+        full_length = torch.empty((1, total))
+        self.anchor_adapter.check_length(full_length, 'prompt + new tokens')
+
+        for adapter, aligned_prompt in zip(self.augment_adapters, augment_prompts):
+            if not exists(aligned_prompt):
+                adapter.check_length(full_length, 'prompt + new tokens')
+
+        return generate_tokens(
+            self,
+            prompt,
+            prompt_mask,
+            num_new,
+            augment_prompts = augment_prompts,
+            augment_prompt_masks = augment_prompt_masks,
+            temperature = temperature,
+            filter_fn = filter_fn,
+            top_k = top_k,
+            top_p = top_p,
+            min_p = min_p,
+            eos_id = eos_id,
+            pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
+            use_cache = use_cache,
+            show_progress = show_progress
+        )
 
     @typecheck
     def composed(
@@ -379,47 +432,60 @@ class CALM(Module):
 
         contexts = []
 
-        for index, (adapter, recorder, augment_prompt, augment_prompt_mask) in enumerate(zip(self.augment_adapters, self.recorders, prompts, prompt_masks)):
-            aligned = not exists(augment_prompt)
+        for index, (augment_prompt, augment_prompt_mask) in enumerate(zip(prompts, prompt_masks)):
             arg = f'prompt[{index}]' if isinstance(prompt, (list, tuple)) else 'prompt'
-
-            if aligned:
-                if exists(augment_prompt_mask):
-                    raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
-
-                self.check_aligned(index)
-                inputs, inputs_mask = seq, mask
-            else:
-                self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)
-                inputs, inputs_mask = augment_prompt, augment_prompt_mask.bool() if exists(augment_prompt_mask) else None
-
-            adapter.check_length(inputs, 'seq' if aligned else arg)
-
-            # each augment reads its input on its own device (and a float input in its own dtype)
-            inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
-            inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
-
-            # token inputs may be cut into segments by a segment-recurrent augment: the recorder
-            # stops its forward once the segments cover them
-            expected_len = inputs.shape[-1] if not exists(adapter.input_shape) else None
-
-            with torch.no_grad():
-                hiddens = recorder(lambda: adapter(inputs, inputs_mask), expected_len)
-
-            if self.reads_final_state[index]:
-                # every state token is real; the augment saw the padding through its mask argument
-                contexts.append(AugmentContext(clean_context(hiddens, None, f'augment {index}'), None, causal = False))
-                continue
-
-            if exists(inputs_mask) and not aligned:
-                length = next(iter(hiddens.values())).shape[-2]
-                if inputs_mask.shape[-1] != length:
-                    raise ValueError(f'`{arg}_mask` covers {inputs_mask.shape[-1]} positions, but augment {index} produced {length} hidden positions')
-
-            hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
-            contexts.append(AugmentContext(hiddens, inputs_mask, causal = aligned))
+            contexts.append(self.augment_context(index, seq, mask, augment_prompt, augment_prompt_mask, arg))
 
         return contexts
+
+    def augment_context(
+        self,
+        index: int,
+        seq: Tensor,
+        mask: Tensor | None,
+        augment_prompt,
+        augment_prompt_mask,
+        arg: str = 'prompt'
+    ) -> AugmentContext:
+        """Runs augment `index` on its prompt, or on `seq` when the prompt is None (aligned)."""
+
+        adapter, recorder = self.augment_adapters[index], self.recorders[index]
+        aligned = not exists(augment_prompt)
+
+        if aligned:
+            if exists(augment_prompt_mask):
+                raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
+
+            self.check_aligned(index)
+            inputs, inputs_mask = seq, mask
+        else:
+            self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)
+            inputs, inputs_mask = augment_prompt, augment_prompt_mask.bool() if exists(augment_prompt_mask) else None
+
+        adapter.check_length(inputs, 'seq' if aligned else arg)
+
+        # each augment reads its input on its own device (and a float input in its own dtype)
+        inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
+        inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
+
+        # token inputs may be cut into segments by a segment-recurrent augment: the recorder
+        # stops its forward once the segments cover them
+        expected_len = inputs.shape[-1] if not exists(adapter.input_shape) else None
+
+        with torch.no_grad():
+            hiddens = recorder(lambda: adapter(inputs, inputs_mask), expected_len)
+
+        if self.reads_final_state[index]:
+            # every state token is real; the augment saw the padding through its mask argument
+            return AugmentContext(clean_context(hiddens, None, f'augment {index}'), None, causal = False)
+
+        if exists(inputs_mask) and not aligned:
+            length = next(iter(hiddens.values())).shape[-2]
+            if inputs_mask.shape[-1] != length:
+                raise ValueError(f'`{arg}_mask` covers {inputs_mask.shape[-1]} positions, but augment {index} produced {length} hidden positions')
+
+        hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
+        return AugmentContext(hiddens, inputs_mask, causal = aligned)
 
     def check_aligned(self, index: int):
         adapter = self.augment_adapters[index]

@@ -81,8 +81,10 @@ class CrossAttentionBlock(Module):
         if exists(mask):
             visible = rearrange(mask.to(device = k.device, dtype = torch.bool), 'b j -> b 1 1 j')
 
-        if causal:
-            offset = query_offset if exists(query_offset) else j - i
+        offset = query_offset if exists(query_offset) else j - i
+
+        # a query at offset j - 1 or later (a decoding step) sees every key: no mask to build
+        if causal and not (i == 1 and offset >= j - 1):
             causal_visible = torch.ones((i, j), device = k.device, dtype = torch.bool).tril(offset)
             visible = causal_visible if not exists(visible) else (visible & causal_visible)
 

@@ -1,23 +1,42 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from calm_pytorch.adapters import DecodeState
+from calm_pytorch.cross_attention import CrossAttentionBlock
 from calm_pytorch.helpers import exists
+from calm_pytorch.injection import AugmentContext
 
-# sampling filters on logits (b, num_tokens); each keeps the most likely tokens and sets the rest to -inf
+if TYPE_CHECKING:
+    from calm_pytorch.calm import CALM
+
+# axes
+# b - batch
+# h - heads
+# n - positions of the sequence being generated (prompt included)
+# j - augment (key / value) positions
+# d - feature dimension
+# v - vocabulary
+
+# sampling filters on logits (b, v); each keeps the most likely tokens and sets the rest to -inf
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    # keep the k most likely tokens (ties with the k-th are kept too)
     k = min(k, logits.shape[-1])
     kth = logits.topk(k, dim = -1).values[..., -1:]
     return logits.masked_fill(logits < kth, float('-inf'))
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    # keep the smallest set of tokens whose probabilities sum to at least p
+    # keep the smallest set of most likely tokens whose probabilities sum to at least p
     sorted_logits, indices = logits.sort(dim = -1, descending = True)
-    cum_probs = sorted_logits.softmax(dim = -1).cumsum(dim = -1)
-    drop_sorted = (cum_probs - sorted_logits.softmax(dim = -1)) >= p
+    sorted_probs = sorted_logits.softmax(dim = -1)
+    drop_sorted = (sorted_probs.cumsum(dim = -1) - sorted_probs) >= p   # the mass before a token already reaches p
     drop = torch.zeros_like(drop_sorted).scatter(-1, indices, drop_sorted)
     return logits.masked_fill(drop, float('-inf'))
 
@@ -27,20 +46,42 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     limit = probs.amax(dim = -1, keepdim = True) * min_p
     return logits.masked_fill(probs < limit, float('-inf'))
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None):
+    if temperature < 0:
+        raise ValueError(f'`temperature` must be >= 0 (0 is greedy), got {temperature}')
+
+    if exists(top_k) and top_k < 1:
+        raise ValueError(f'`top_k` must be at least 1, got {top_k}')
+
+    if exists(top_p) and not 0. < top_p <= 1.:
+        raise ValueError(f'`top_p` must be in (0, 1], got {top_p}')
+
+    if exists(min_p) and not 0. <= min_p <= 1.:
+        raise ValueError(f'`min_p` must be in [0, 1], got {min_p}')
+
 def sample(
     logits: Tensor,
     *,
     temperature: float = 1.,
+    filter_fn: Callable[[Tensor], Tensor] | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None
 ) -> Tensor:
-    """(b, num_tokens) logits of the next position -> (b,) token ids. temperature 0 is greedy."""
+    """(b, v) logits of the next position -> (b,) token ids.
 
-    if temperature == 0.:
-        return logits.argmax(dim = -1)
+    The logits are divided by `temperature` first (so top_p and min_p see the tempered
+    distribution), then `filter_fn`, `top_k`, `top_p` and `min_p` are applied in that order.
+    `temperature = 0` is greedy: the argmax of the filtered logits."""
 
-    logits = logits.float() / temperature
+    greedy = temperature == 0.
+    logits = logits.float()
+
+    if not greedy:
+        logits = logits / temperature
+
+    if exists(filter_fn):
+        logits = filter_fn(logits)
 
     if exists(top_k):
         logits = top_k_filter(logits, top_k)
@@ -51,4 +92,227 @@ def sample(
     if exists(min_p):
         logits = min_p_filter(logits, min_p)
 
-    return torch.multinomial(F.softmax(logits, dim = -1), 1).squeeze(-1)
+    if greedy:
+        return logits.argmax(dim = -1)
+
+    return torch.multinomial(logits.softmax(dim = -1), 1).squeeze(-1)
+
+# prompts
+
+def left_pad(prompts: Sequence[Tensor], pad_value: int = 0) -> tuple[Tensor, Tensor]:
+    """1-d prompts of different lengths -> (b, n) tokens, left-padded, and their mask (b, n)."""
+
+    if len(prompts) == 0 or any(not isinstance(p, Tensor) or p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise ValueError('a list of prompts must hold non-empty 1-d tensors of token ids')
+
+    length = max(p.shape[0] for p in prompts)
+    tokens = torch.stack([F.pad(p, (length - p.shape[0], 0), value = pad_value) for p in prompts])
+    mask = torch.stack([F.pad(torch.ones_like(p, dtype = torch.bool), (length - p.shape[0], 0), value = False) for p in prompts])
+    return tokens, mask
+
+def check_left_padded(mask: Tensor):
+    # real tokens must be right-aligned: the next token is written at the same position for every row
+    if mask.shape[-1] > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError('`prompt_mask` must be left-padded (False before the first real token, True after); right-padded prompts would continue after their padding')
+
+    if not bool(mask[:, -1].all()):
+        raise ValueError('`prompt_mask` has a row without any real token; every prompt needs at least one')
+
+# keys and values of an aligned augment, grown one step at a time
+
+class KVBuffer:
+    """Projected keys and values (b, h, j, d) of one cross-attention in aligned mode, written into
+    storage allocated once for the whole generation instead of concatenated every step."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.k = self.v = None
+
+    def append(self, k: Tensor, v: Tensor):
+        n = k.shape[-2]
+
+        if not exists(self.k):
+            b, h, _, d = k.shape
+            self.k = k.new_empty((b, h, self.capacity, d))
+            self.v = v.new_empty((b, h, self.capacity, d))
+
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+
+    def view(self) -> tuple[Tensor, Tensor]:
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+# one generate call
+
+class ComposedDecoder:
+    """The state of one `generate` call: a cache for the anchor, a separate cache for each aligned
+    augment, and the keys and values each cross-attention reads.
+
+    context mode: the augment runs once on its prompt; each cross-attention projects that context
+                  to keys and values once.
+    aligned mode: the augment decodes the new positions with its own cache; their hidden states are
+                  projected and appended, and the anchor's new position sees augment positions up to
+                  itself.
+    Without cache every step recomputes the whole composition, augments included."""
+
+    def __init__(
+        self,
+        calm: CALM,
+        tokens: Tensor,
+        mask: Tensor | None,
+        prompts: list,
+        prompt_masks: list,
+        capacity: int,
+        use_cache: bool
+    ):
+        self.calm = calm
+        self.use_cache = use_cache
+        self.prompts = prompts
+        self.prompt_masks = prompt_masks
+        self.aligned = [not exists(prompt) for prompt in prompts]
+
+        self.anchor_state = DecodeState() if use_cache else None
+        self.augment_states = [DecodeState() if use_cache and aligned else None for aligned in self.aligned]
+        self.buffers: list[dict[CrossAttentionBlock, KVBuffer]] = [
+            {block: KVBuffer(capacity) for block in calm.cross_attns[index]} if use_cache and aligned else {}
+            for index, aligned in enumerate(self.aligned)
+        ]
+
+        self.fixed: list[AugmentContext | None] = [None] * len(prompts)
+
+        for index, aligned in enumerate(self.aligned):
+            arg = f'augment_prompt[{index}]' if len(prompts) > 1 else 'augment_prompt'
+
+            if aligned:
+                if exists(prompt_masks[index]):
+                    raise ValueError(f'an augment_prompt_mask was given for augment {index} but no augment_prompt; pass the prompt too, or leave the mask out for aligned mode')
+
+                calm.check_aligned(index)
+                continue
+
+            context = calm.augment_context(index, tokens, mask, prompts[index], prompt_masks[index], arg)
+
+            if use_cache:
+                # the context never changes during generation: project it once per call
+                kv = {block: block.project_context(context.hiddens[key]) for block, key in self.blocks(index)}
+                context = AugmentContext({}, context.mask, causal = False, kv = kv)
+
+            self.fixed[index] = context
+
+    def blocks(self, index: int):
+        return zip(self.calm.cross_attns[index], self.calm.augment_keys[index])
+
+    def context(self, index: int, tokens: Tensor, mask: Tensor | None) -> AugmentContext:
+        calm = self.calm
+
+        if not self.aligned[index]:
+            if exists(self.fixed[index]):
+                return self.fixed[index]
+
+            # the plain path reruns the augment on its prompt
+            return calm.augment_context(index, tokens, mask, self.prompts[index], self.prompt_masks[index])
+
+        adapter, recorder, state = calm.augment_adapters[index], calm.recorders[index], self.augment_states[index]
+
+        # the positions this call computes: the recorder stops the augment once they are recorded
+        # (a segment-recurrent augment records them over several calls of each block)
+        cached = exists(state) and adapter.can_cache
+        expected_len = tokens.shape[-1] - (state.length if cached else 0)
+        hiddens = recorder(lambda: adapter.decode(tokens, mask, state), expected_len)
+
+        if not self.use_cache:
+            return AugmentContext(hiddens, mask, causal = True)
+
+        # project only the positions not yet in the buffers: the hidden states hold the new
+        # positions (cached augment) or the whole sequence (an augment that recomputes)
+        n = tokens.shape[-1]
+
+        for block, key in self.blocks(index):
+            buffer = self.buffers[index][block]
+            new = hiddens[key][:, -(n - buffer.length):]  # (b, j_new, dim_augment)
+            buffer.append(*block.project_context(new))
+
+        kv = {block: self.buffers[index][block].view() for block, _ in self.blocks(index)}
+        return AugmentContext({}, mask, causal = True, kv = kv)
+
+    def step(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """tokens (b, n), mask (b, n) or None -> logits (b, v) of the next token."""
+
+        contexts = [self.context(index, tokens, mask) for index in range(len(self.aligned))]
+
+        # an anchor that recomputes reads the whole sequence, maybe over several calls per block
+        # (a segment-recurrent one): the injector then needs the length to place each call
+        anchor = self.calm.anchor_adapter
+        query_len = None if self.use_cache and anchor.can_cache else tokens.shape[-1]
+
+        with self.calm.injector.composed(contexts, query_len = query_len):
+            output = anchor.decode(tokens, mask, self.anchor_state)
+
+        return self.calm.anchor_adapter.logits(output)[:, -1]
+
+@torch.no_grad()
+def generate(
+    calm: CALM,
+    prompt: Tensor,
+    prompt_mask: Tensor | None,
+    num_new: int,
+    *,
+    augment_prompts: list,
+    augment_prompt_masks: list,
+    temperature: float,
+    filter_fn: Callable[[Tensor], Tensor] | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    eos_id: int | None,
+    pad_id: int,
+    use_cache: bool,
+    show_progress: bool | None
+) -> Tensor:
+    """The loop behind `CALM.generate`; arguments are checked there. Returns (b, num_new)."""
+
+    batch, prompt_len = prompt.shape
+    total = prompt_len + num_new
+
+    # the sequence and its mask are allocated once; step t reads the first prompt_len + t positions.
+    # Padded positions are fed a valid token id (they are masked everywhere)
+
+    seq = F.pad(prompt.masked_fill(~prompt_mask, 0) if exists(prompt_mask) else prompt, (0, num_new), value = 0)
+    seq_mask = F.pad(prompt_mask, (0, num_new), value = True) if exists(prompt_mask) else None
+
+    decoder = ComposedDecoder(calm, prompt, prompt_mask, augment_prompts, augment_prompt_masks, total, use_cache)
+
+    done = torch.zeros(batch, dtype = torch.bool, device = prompt.device)
+
+    # a bar for long generations; None leaves tqdm to hide it where stderr is not a terminal
+    disable = not show_progress if exists(show_progress) else (True if num_new < 256 else None)
+    length = prompt_len
+
+    for _ in tqdm(range(num_new), desc = 'generating', unit = 'tok', disable = disable, leave = False):
+        tokens = seq[:, :length]
+        mask = seq_mask[:, :length] if exists(seq_mask) else None
+
+        logits = decoder.step(tokens, mask)
+        token = sample(logits, temperature = temperature, filter_fn = filter_fn, top_k = top_k, top_p = top_p, min_p = min_p)
+
+        # rows that are done keep decoding (their tokens are replaced by pad_id at the end), so
+        # every row is always fed a token id of the model's vocabulary
+        seq[:, length] = token
+        length += 1
+
+        if exists(eos_id):
+            done = done | (token == eos_id)
+
+        if exists(eos_id) and bool(done.all()):
+            break
+
+    new = seq[:, prompt_len:length]
+
+    if exists(eos_id):
+        # pad_id after each row's first eos
+        after_eos = F.pad((new == eos_id).cumsum(dim = -1)[:, :-1], (1, 0), value = 0) > 0
+        new = new.masked_fill(after_eos, pad_id)
+
+    return F.pad(new, (0, num_new - new.shape[-1]), value = pad_id)

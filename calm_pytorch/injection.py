@@ -18,6 +18,7 @@ class AugmentContext:
     hiddens: dict[LayerKey, Tensor]  # recorded hidden states, (b, j, dim_augment)
     mask: Tensor | None               # (b, j), True for real positions
     causal: bool                      # aligned mode: anchor position i sees augment positions <= i
+    kv: dict[CrossAttentionBlock, tuple[Tensor, Tensor]] | None = None  # keys and values already projected, per block (generation)
 
 @dataclass
 class Connection:
@@ -63,13 +64,16 @@ class AnchorInjector:
 
         for connection in connections:
             context = self.contexts[connection.augment_index]
-            context_hiddens = context.hiddens[connection.augment_key]
+            kv = context.kv.get(connection.cross_attn) if exists(context.kv) else None
+            context_hiddens = None if exists(kv) else context.hiddens[connection.augment_key]
+            context_len = kv[0].shape[-2] if exists(kv) else context_hiddens.shape[-2]
             delta = delta + connection.cross_attn(
                 hidden,
                 context_hiddens,
+                kv = kv,
                 mask = context.mask,
                 causal = context.causal,
-                query_offset = seen + context_hiddens.shape[-2] - total
+                query_offset = seen + context_len - total
             )
 
         return hidden + delta

@@ -261,3 +261,24 @@ def test_cross_attention_query_offset_defaults_to_the_last_positions():
     # three queries at the end of seven positions, or explicitly at positions 4..6
     assert torch.equal(block(x, context, causal = True), block(x, context, causal = True, query_offset = 4))
     assert not torch.allclose(block(x, context, causal = True), block(x, context, causal = True, query_offset = 0))
+
+def test_generation_with_a_segment_recurrent_anchor_matches_the_full_forward():
+    # every generated token is the argmax of the composed forward over the sequence so far,
+    # with each segment of the anchor seeing the augment up to its own positions
+    anchor, kwargs = segment_anchor()
+    augment, params = segment_augment()
+    calm = CALM(anchor, params, **kwargs)
+
+    for blocks in calm.cross_attns:
+        for block in blocks:
+            block.to_out.weight.data.normal_()
+
+    prompt = tokens(length = 5)
+    new = calm.generate(prompt, max_new_tokens = 6, temperature = 0.)
+
+    seq = prompt
+    for _ in range(6):
+        next_token = calm(seq, return_loss = False)[:, -1].argmax(dim = -1)
+        seq = torch.cat((seq, next_token[:, None]), dim = -1)
+
+    assert torch.equal(new, seq[:, 5:])
