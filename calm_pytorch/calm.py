@@ -20,6 +20,7 @@ from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
 from calm_pytorch.generation import generate as generate_tokens
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
+from calm_pytorch.loss import IGNORE, shift_for_next_token
 from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
@@ -270,14 +271,7 @@ class CALM(Module):
             mask = check_mask(mask, seq, 'mask', 'seq')
 
         if return_loss:
-            labels = seq[:, 1:]
-            seq = seq[:, :-1]
-
-            if exists(mask):
-                labels = labels.masked_fill(~mask[:, 1:], -100)
-                mask = mask[:, :-1]
-
-            labels = labels.masked_fill(labels == self.pad_id, -100)
+            seq, mask, labels = shift_for_next_token(seq, mask, self.pad_id)
 
         self.anchor_adapter.check_length(seq, 'seq')
 
@@ -291,7 +285,7 @@ class CALM(Module):
         if not return_loss:
             return logits
 
-        return F.cross_entropy(rearrange(logits, 'b n c -> b c n'), labels, ignore_index = -100)
+        return F.cross_entropy(rearrange(logits, 'b n c -> b c n'), labels, ignore_index = IGNORE)
 
     @torch.no_grad()
     @typecheck

@@ -11,6 +11,19 @@ from calm_pytorch.helpers import exists
 
 IGNORE = -100
 
+def shift_for_next_token(seq: Tensor, mask: Tensor | None, pad_id: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """seq (b, n) -> the anchor's inputs (b, n - 1), their mask, and the next-token labels
+    (b, n - 1), IGNORE where the label is masked or equal to `pad_id`."""
+
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+
+    if exists(mask):
+        mask = mask.bool()
+        labels = labels.masked_fill(~mask[:, 1:], IGNORE)
+        mask = mask[:, :-1]
+
+    return inputs, mask, labels.masked_fill(labels == pad_id, IGNORE)
+
 def next_token_loss(model: Module, batch: dict) -> tuple[Tensor, Tensor]:
     """The anchor's next-token cross-entropy *summed* over the predicted tokens, and their count.
 
@@ -25,15 +38,7 @@ def next_token_loss(model: Module, batch: dict) -> tuple[Tensor, Tensor]:
     batch = dict(batch)
     seq, mask = batch.pop('seq'), batch.pop('mask', None)
 
-    inputs, labels = seq[:, :-1], seq[:, 1:]
-
-    if exists(mask):
-        mask = mask.bool()
-        labels = labels.masked_fill(~mask[:, 1:], IGNORE)
-        mask = mask[:, :-1]
-
-    labels = labels.masked_fill(labels == calm.pad_id, IGNORE)
-
+    inputs, mask, labels = shift_for_next_token(seq, mask, calm.pad_id)
     logits = model(inputs, mask = mask, return_loss = False, **batch)
 
     loss = F.cross_entropy(rearrange(logits.float(), 'b n c -> b c n'), labels, ignore_index = IGNORE, reduction = 'sum')
