@@ -244,7 +244,8 @@ class CALM(Module):
         if not return_loss:
             return logits
 
-        return F.cross_entropy(rearrange(logits, 'b n c -> b c n'), labels, ignore_index = -100)
+        # classes last and positions flattened: cross_entropy over a (b, c, n) view is twice as slow on CPU
+        return F.cross_entropy(rearrange(logits, 'b n c -> (b n) c'), rearrange(labels, 'b n -> (b n)'), ignore_index = -100)
 
     def augment_contexts(
         self,
