@@ -164,7 +164,13 @@ class CALM(Module):
         ])
 
         self.augment_keys = augment_keys
-        self.augment_is_causal: list[bool | None] = [None] * len(augments)  # probed on first aligned use
+
+        # augments that read tokens are probed for causality here rather than on the first aligned
+        # call: the probe registers hooks, and inside a torch.compile'd forward that is a graph break
+        self.augment_is_causal: list[bool | None] = [
+            None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
+            for adapter, keys in zip(self.augment_adapters, augment_keys)
+        ]
         self.hooks_removed = False
 
         self.train(self.training)
