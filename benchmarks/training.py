@@ -35,11 +35,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import Module, ModuleList
 from x_transformers import Decoder, TransformerWrapper
 
 from calm_pytorch import CALM, AugmentParams, CrossAttentionBlock
+
+def exists(value) -> bool:
+    return value is not None
 
 # setups
 
@@ -221,15 +224,17 @@ def make_calm_original(setup, anchor, augments):
         attn_kwargs = dict(linear_project_context = True, pre_rmsnorm = True, flash = True, heads = setup.heads, dim_head = setup.dim_head)
     )
     calm = calm.to(anchor.token_emb.emb.weight.device)
+    return OriginalLoss(calm), list(calm.cross_attns.parameters())
 
-    # it has no aligned mode of its own: the augments are given the anchor's tokens as prompt
-    def loss(seq, prompt = None):
-        return calm(seq, prompt = prompt if prompt is not None else seq[:, :-1])
+class OriginalLoss(Module):
+    """CALM-Pytorch has no aligned mode of its own: its augments are given the anchor's input tokens as prompt."""
 
-    wrapper = nn.Module()
-    wrapper.calm = calm
-    wrapper.forward = loss
-    return wrapper, list(calm.cross_attns.parameters())
+    def __init__(self, calm: Module):
+        super().__init__()
+        self.calm = calm
+
+    def forward(self, seq: Tensor, prompt: Tensor | None = None) -> Tensor:
+        return self.calm(seq, prompt = prompt if exists(prompt) else seq[:, :-1])
 
 VARIANTS: dict[str, Callable] = {
     'limit': make_limit,
@@ -246,7 +251,7 @@ class Trainer:
         self.model, params = VARIANTS[name](setup, anchor, augments)
         self.optimizer = torch.optim.AdamW(params, lr = 1e-4)
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict) -> Tensor:
         loss = self.model(**batch)
         loss.backward()
         self.optimizer.step()
@@ -401,9 +406,9 @@ def main():
     print(f'machine: {machine()}')
     print(f'step: forward + backward + AdamW step; median of {args.steps} steps after {args.warmup} warm-up steps, variants interleaved')
     memory_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of a process running only that variant (weights included)'
-    print(f'peak memory: {memory_kind}\n')
+    print(f'peak memory: {memory_kind}; above resting: that peak less the memory held between steps (weights, optimizer state)\n')
 
-    header = '| setup | variant | step | vs limit | peak memory | vs limit | above weights | vs limit |'
+    header = '| setup | variant | step | vs limit | peak memory | vs limit | above resting | vs limit |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
 
@@ -423,9 +428,6 @@ def main():
                 row += ['', '', '', '']
 
             print('| ' + ' | '.join(row) + ' |', flush = True)
-
-def exists(value) -> bool:
-    return value is not None
 
 if __name__ == '__main__':
     main()
