@@ -217,7 +217,14 @@ class ModelAdapter:
         perturbed = tokens.clone()
         perturbed[:, -1] = 1
 
-        before, after = self.hiddens_at(sites, tokens), self.hiddens_at(sites, perturbed)
+        # in eval mode: dropout would make two runs differ at every position
+        training = self.model.training
+        self.model.eval()
+
+        try:
+            before, after = self.hiddens_at(sites, tokens), self.hiddens_at(sites, perturbed)
+        finally:
+            self.model.train(training)
 
         for key, hiddens in before.items():
             for hidden, other in zip(hiddens, after[key]):

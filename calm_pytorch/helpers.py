@@ -1,13 +1,30 @@
 from __future__ import annotations
 
-from typing import Any
+from functools import wraps
+from typing import Any, Callable
 
+import torch
 from beartype import BeartypeConf, beartype
 
 # a type violation at the public boundary is a TypeError naming the parameter,
 # so users can catch it like any other bad argument
 
-typecheck = beartype(conf = BeartypeConf(violation_param_type = TypeError))
+check_types = beartype(conf = BeartypeConf(violation_param_type = TypeError))
+
+def typecheck(fn: Callable) -> Callable:
+    checked = check_types(fn)
+
+    @wraps(fn)
+    def inner(*args, **kwargs):
+        # under torch.compile the checks are skipped: beartype samples one random item of a
+        # sequence to check (random.getrandbits), which dynamo cannot trace, so every compiled
+        # call with a list of prompts would break the graph at the very top of CALM.forward
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+
+        return checked(*args, **kwargs)
+
+    return inner
 
 def exists(v: Any) -> bool:
     return v is not None

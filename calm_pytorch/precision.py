@@ -34,6 +34,10 @@ def resolve_composition_dtype(composition_dtype: CompositionDtype, anchor: Modul
     return composition_dtype
 
 def check_finite(tensor: Tensor, what: str):
+    # a check needs the values on the host: a graph break under torch.compile, so it is skipped there
+    if torch.compiler.is_compiling():
+        return
+
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         num_nan, num_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
         raise ValueError(f'{what} holds {num_nan} NaN and {num_inf} inf values; the composition would spread them to every anchor position that attends to it')
@@ -58,6 +62,9 @@ def clean_context(hiddens: dict, mask: Tensor | None, what: str) -> dict:
 
     if exists(mask):
         hiddens = {key: hidden.masked_fill(~mask.to(hidden.device)[..., None], 0.) for key, hidden in hiddens.items()}
+
+    if torch.compiler.is_compiling():
+        return hiddens  # as in check_finite
 
     finite = [torch.isfinite(hidden).all() for hidden in hiddens.values()]
 
