@@ -132,15 +132,21 @@ class PlainProgress:
     def set_postfix_str(self, text: str, refresh: bool = True):
         self.postfix = text
 
-def next_token_loss(logits_fn: Callable[[Tensor], Tensor], batch: data.Batch) -> Tensor:
+def next_token_loss(embed: Callable[[Tensor], Tensor], to_logits: Module, batch: data.Batch) -> Tensor:
     """Cross-entropy on the labelled tokens only: operands are random and cannot be predicted.
-    (CALM's own loss would also train on them, since its `mask` is the attention mask as well.)"""
-    logits = logits_fn(batch.tokens[:, :-1])
-    labels = batch.tokens[:, 1:].masked_fill(~batch.loss_mask[:, 1:], -100)
-    return F.cross_entropy(rearrange(logits, 'b n c -> b c n'), labels, ignore_index = -100)
+    Logits are computed at those positions alone, since the projection onto a vocabulary of
+    about a thousand keys costs more than the rest of these tiny models. (CALM's own loss would
+    also train on the operands: its `mask` masks attention as well as labels.)"""
+    embeds = embed(batch.tokens[:, :-1])  # (b, n - 1, d), final norm applied
+    labelled = batch.loss_mask[:, 1:]
+    return F.cross_entropy(to_logits(embeds[labelled]), batch.tokens[:, 1:][labelled])
+
+def embeddings_of(model: TransformerWrapper) -> Callable[[Tensor], Tensor]:
+    return lambda tokens: model(tokens, return_embeddings = True)
 
 def train(
-    logits_fn: Callable[[Tensor], Tensor],
+    embed: Callable[[Tensor], Tensor],
+    to_logits: Module,
     params: list[Tensor],
     next_batch: Callable[[], data.Batch],
     *,
@@ -158,7 +164,7 @@ def train(
     note = ''
 
     for step in bar:
-        loss = next_token_loss(logits_fn, next_batch())
+        loss = next_token_loss(embed, to_logits, next_batch())
         optimizer.zero_grad(set_to_none = True)
         loss.backward()
         optimizer.step()
@@ -302,7 +308,7 @@ def train_anchor(config: Config, world: data.World, seed: int) -> Module:
     generator = seeded(seed, 3)
 
     train(
-        anchor, list(anchor.parameters()),
+        embeddings_of(anchor), anchor.to_logits, list(anchor.parameters()),
         lambda: data.anchor_batch(world, config.batch_size, generator),
         steps = config.anchor_steps, lr = config.lr, desc = 'm_B (anchor): numeric arithmetic'
     )
@@ -314,7 +320,7 @@ def train_augment(config: Config, world: data.World, seed: int) -> Module:
     generator = seeded(seed, 4)
 
     train(
-        augment, list(augment.parameters()),
+        embeddings_of(augment), augment.to_logits, list(augment.parameters()),
         lambda: data.augment_batch(world, config.batch_size, generator),
         steps = config.augment_steps, lr = config.lr, desc = 'm_A (augment): key values'
     )
@@ -351,7 +357,9 @@ def composed(config: Config, seed: int, system: str, anchor: Module, augment: Mo
     label = 'trained m_A' if system == 'calm' else 'random m_A (control)'
 
     train(
-        lambda tokens: calm(tokens, return_loss = False), list(calm.cross_attns.parameters()),
+        # the anchor's keyword `return_embeddings` passes through CALM to the x-transformers model
+        lambda tokens: calm(tokens, return_loss = False, return_embeddings = True), anchor.to_logits,
+        list(calm.cross_attns.parameters()),
         lambda: data.composition_batch(composition, config.batch_size, generator),
         steps = config.composition_steps, lr = config.composition_lr, desc = f'CALM with {label}', on_step = on_step
     )
@@ -427,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type = int, default = 0, help = 'first seed (default: %(default)s)')
     parser.add_argument('--seeds', type = int, default = 1, help = 'number of seeds to run, from --seed on; the table then shows mean ± sd (default: %(default)s)')
     parser.add_argument('--quick', action = 'store_true', help = 'a tiny configuration of the whole pipeline, in seconds (for tests; its numbers mean nothing)')
-    parser.add_argument('--threads', type = int, default = min(4, os.cpu_count() or 1), help = 'CPU threads for torch (default: %(default)s)')
+    parser.add_argument('--threads', type = int, default = 1, help = 'CPU threads for torch; these models are too small to gain much from more, and on a shared machine extra threads slow everything down (default: %(default)s)')
     parser.add_argument('--plot', type = Path, default = None, help = 'where to write the PNG plot (default: <out>/kv_arithmetic.png)')
     parser.add_argument('--retrain', action = 'store_true', help = 'ignore cached weights and train everything again')
     parser.add_argument('--num-keys', type = int, default = None, help = f'number of keys (default: {Config.num_keys})')
