@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -62,6 +63,8 @@ class Config:
     lr: float = 2e-3
     composition_lr: float = 3e-3
     composition_size: int = 20000       # fixed composition data set, over held-in keys only
+    substitution_fraction: float = 0.2  # of the composition data: key-value substitution
+    numeric_fraction: float = 0.3       # and plain-number arithmetic, which keeps the anchor's own skill intact
     # composition: m_A's top layer feeds the embedding output of m_B (the input of block 1) and
     # the input of every other block; reaching the embeddings is what makes held-out keys work
     connections: tuple[tuple[int, int], ...] = ((4, 1), (4, 2), (4, 3), (4, 4))
@@ -158,7 +161,8 @@ def train(
     """AdamW with a short warmup and a cosine decay: the settings that got the tiny models there fastest."""
     optimizer = torch.optim.AdamW(params, lr = lr, weight_decay = 0.)
     warmup = max(steps // 20, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()) * 0.9 + 0.1))
+    cosine = lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))  # down to a tenth
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, cosine(step)))
 
     bar = progress(range(1, steps + 1), desc, steps)
     note = ''
@@ -247,7 +251,7 @@ def run_seed(config: Config, seed: int, out: Path, retrain: bool) -> SeedResult:
     (run_dir / 'config.json').write_text(json.dumps({**asdict(config), 'seed': seed}, indent = 2))
 
     world = data.make_world(config.num_keys, config.held_in_fraction, config.operands, seeded(seed, 0))
-    composition = data.make_composition_data(world, config.composition_size, seeded(seed, 1))
+    composition = data.make_composition_data(world, config.composition_size, seeded(seed, 1), config.substitution_fraction, config.numeric_fraction)
     evals = data.make_eval_sets(world, config.eval_size, composition, seeded(seed, 2))
 
     print(f'\nseed {seed}: {config.num_keys} keys, {len(world.held_in)} held in the composition data, {len(world.held_out)} held out; weights in {run_dir}')
