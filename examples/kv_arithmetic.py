@@ -335,13 +335,12 @@ def composed(config: Config, seed: int, system: str, anchor: Module, augment: Mo
     learning curve on key-value arithmetic: (step, held-out %, held-in %)."""
     torch.manual_seed(seed * 1000 + 5)
     calm = compose(anchor, augment, config)
-    path = run_dir / f'{system}.pt'
+    path, curve_path = run_dir / f'{system}.safetensors', run_dir / f'{system}.curve.json'
 
-    if path.exists() and not retrain:
-        saved = torch.load(path, weights_only = True)
-        calm.cross_attns.load_state_dict(saved['cross_attns'])
+    if path.exists() and curve_path.exists() and not retrain:
+        calm.load(path)
         print(f'  loaded {path.name}')
-        return calm, [tuple(point) for point in saved['curve']]
+        return calm, [tuple(point) for point in json.loads(curve_path.read_text())]
 
     generator = seeded(seed, 5)
     curve_held_out = data.take(evals.kv_arithmetic_held_out, torch.arange(min(config.curve_size, len(evals.kv_arithmetic_held_out))))
@@ -368,8 +367,9 @@ def composed(config: Config, seed: int, system: str, anchor: Module, augment: Mo
         steps = config.composition_steps, lr = config.composition_lr, desc = f'CALM with {label}', on_step = on_step
     )
 
-    # only what was learned is saved: the frozen models are cached on their own
-    save_atomically({'cross_attns': calm.cross_attns.state_dict(), 'curve': curve}, path)
+    # only what was learned is saved, as a composition checkpoint; the frozen models are cached on their own
+    calm.save(path)
+    curve_path.write_text(json.dumps(curve))
     return calm.eval(), curve
 
 # reporting
