@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor

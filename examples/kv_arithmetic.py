@@ -30,7 +30,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from torch.nn import Module
 from x_transformers import Decoder, TransformerWrapper

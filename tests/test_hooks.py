@@ -25,9 +25,11 @@ def test_models_called_directly_are_untouched(anchor, augment):
     assert direct_outputs_match()
 
     # a direct augment call in between leaves no stale hidden state for the next composed call
-    before = calm(seq, return_loss = False, prompt = [None, tokens(length = 6)])
+    prompt = tokens(length = 6)
+    before = calm(seq, return_loss = False, prompt = [None, prompt])
     augment(tokens(length = 30))
     assert all(recorder.recording is None for recorder in calm.recorders)
+    assert torch.equal(calm(seq, return_loss = False, prompt = [None, prompt]), before)
 
 def test_remove_hooks_restores_the_models(anchor, augment):
     anchor_hooks, augment_hooks = hook_counts(anchor), hook_counts(augment)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import decoder, tokens
+from conftest import tokens
 
 from calm_pytorch import CALM
 
