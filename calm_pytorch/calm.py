@@ -35,7 +35,22 @@ class CALM(Module):
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
     augments stay registered submodules, so `.to()`, `state_dict()` and `parameters()` keep their
-    usual meaning; their parameters have `requires_grad = False` and never get a gradient."""
+    usual meaning; their parameters have `requires_grad = False` and never get a gradient.
+
+    anchor_llm:                the frozen anchor: x-transformers, Hugging Face, or any module
+    augment_llms:              one augment or a list: `AugmentParams` (wiring options) or a bare model
+    attn_kwargs:               `heads` and `dim_head` of every cross-attention
+    anchor_transformer_blocks: the anchor's blocks (modules, names or glob patterns), found
+                               automatically for x-transformers and Hugging Face models
+    anchor_extract_blocks_fn:  or a function anchor -> blocks
+    anchor_hidden_position:    'output' adds each delta to a block's output, 'input' to its input
+                               (one value, or one per anchor layer)
+    pad_id:                    labels equal to it are ignored by the loss
+    frozen_in_eval_mode:       keep the frozen models in eval mode (no dropout) under `.train()`
+    augment_llm, dim_anchor, dim_augment: the seed API's names; given dims are checked
+    anchor_logits_fn:          picks the logits from the anchor's output, when they are not a
+                               tensor, `.logits`, or the first element of a tuple
+    composition_dtype:         dtype of the composition weights, or 'anchor' for the anchor's"""
 
     @typecheck
     def __init__(
