@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import inspect
-import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -197,16 +196,13 @@ class ModelAdapter:
 
     @property
     def can_cache(self) -> bool:
-        return is_hf_causal_lm(self.model)
+        return False
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         """tokens: (b, n) the sequence so far, left-padded; mask: (b, n) True for real tokens.
         state:  None recomputes the whole sequence; a DecodeState is updated in place (even when
                 a recorder stops the forward early) and only its unseen positions are computed.
         Returns the model output for the computed positions: all n, or n - state.length."""
-
-        if is_hf_causal_lm(self.model):
-            return hf_decode(self.model, tokens, mask, state)
 
         return self(tokens, mask if exists(mask) and not bool(mask.all()) else None)
 
@@ -245,44 +241,6 @@ def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
         return None
 
     return (~mask).sum(dim = -1)
-
-def is_hf_causal_lm(model: Module) -> bool:
-    # any transformers model whose forward takes a cache: `*ForCausalLM`, or a base decoder model
-    transformers = sys.modules.get('transformers')
-
-    if not exists(transformers) or not isinstance(model, transformers.PreTrainedModel):
-        return False
-
-    if getattr(model.config, 'is_encoder_decoder', False):
-        return False
-
-    return 'past_key_values' in inspect.signature(model.forward).parameters
-
-def hf_decode(model: Module, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
-    """One decoding step of an HF model with `past_key_values`. Positions count real tokens only,
-    so a left-padded row sees the positions it would see alone."""
-
-    mask = mask.long() if exists(mask) else torch.ones_like(tokens)
-    position_ids = (mask.cumsum(dim = -1) - 1).clamp(min = 0)
-
-    if not exists(state):
-        return model(input_ids = tokens, attention_mask = mask, position_ids = position_ids, use_cache = False)
-
-    if not exists(state.cache):
-        # created here rather than returned by the model: a recorder may stop the forward after
-        # its deepest connected layer, and the cache object, filled in place, survives that
-        from transformers import DynamicCache
-        state.cache = DynamicCache(config = model.config)
-
-    start, state.length = state.length, tokens.shape[-1]
-
-    return model(
-        input_ids = tokens[:, start:],
-        attention_mask = mask,
-        position_ids = position_ids[:, start:],
-        past_key_values = state.cache,
-        use_cache = True
-    )
 
 def find_mask_kwarg(model: Module) -> str | None:
     try:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, ModuleList
 
-from calm_pytorch.adapters import Layer, ModelAdapter
+from calm_pytorch.adapters import DecodeState, Layer, ModelAdapter
 from calm_pytorch.helpers import exists
 
 # Hugging Face transformers models: where their blocks are and how to call them.
@@ -222,6 +222,9 @@ class HFAdapter(ModelAdapter):
 
         self.max_seq_len = None if exists(self.input_shape) else learned_max_positions(model)
 
+        # a decoder whose forward takes a cache decodes incrementally in generation
+        self.caches = not is_encoder_decoder(model) and 'past_key_values' in self.params
+
     def find_layers(self) -> list[Layer]:
         try:
             self.blocks_name, blocks = find_hf_blocks(self.model)
@@ -246,3 +249,36 @@ class HFAdapter(ModelAdapter):
             kwargs.setdefault('use_cache', False)
 
         return self.target(**kwargs)
+
+    @property
+    def can_cache(self) -> bool:
+        return self.caches
+
+    def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
+        """One decoding step with `past_key_values` (see `ModelAdapter.decode`). Positions count
+        real tokens only, so a left-padded row sees the positions it would see alone."""
+
+        if not self.caches:
+            return super().decode(tokens, mask, state)
+
+        mask = mask.long() if exists(mask) else torch.ones_like(tokens)
+        position_ids = positions_from_mask(mask)
+
+        if not exists(state):
+            return self.model(input_ids = tokens, attention_mask = mask, position_ids = position_ids, use_cache = False)
+
+        if not exists(state.cache):
+            # created here rather than returned by the model: a recorder may stop the forward after
+            # its deepest connected layer, and the cache object, filled in place, survives that
+            from transformers import DynamicCache
+            state.cache = DynamicCache(config = self.model.config)
+
+        start, state.length = state.length, tokens.shape[-1]
+
+        return self.model(
+            input_ids = tokens[:, start:],
+            attention_mask = mask,
+            position_ids = position_ids[:, start:],
+            past_key_values = state.cache,
+            use_cache = True
+        )

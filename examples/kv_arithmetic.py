@@ -305,29 +305,24 @@ def save_atomically(obj, path: Path):
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-def train_anchor(config: Config, world: data.World, seed: int) -> Module:
-    torch.manual_seed(seed * 1000 + 3)
-    anchor = make_anchor(config).train()
-    generator = seeded(seed, 3)
+def pretrain(config: Config, world: data.World, seed: int, stream: int, make: Callable[[Config], Module], make_batch, steps: int, desc: str) -> Module:
+    """Trains one model from scratch on its own data (m_B: numbers, m_A: key values)."""
+    torch.manual_seed(seed * 1000 + stream)
+    model = make(config).train()
+    generator = seeded(seed, stream)
 
     train(
-        embeddings_of(anchor), anchor.to_logits, list(anchor.parameters()),
-        lambda: data.anchor_batch(world, config.batch_size, generator),
-        steps = config.anchor_steps, lr = config.lr, desc = 'm_B (anchor): numeric arithmetic'
+        embeddings_of(model), model.to_logits, list(model.parameters()),
+        lambda: make_batch(world, config.batch_size, generator),
+        steps = steps, lr = config.lr, desc = desc
     )
-    return anchor.eval()
+    return model.eval()
+
+def train_anchor(config: Config, world: data.World, seed: int) -> Module:
+    return pretrain(config, world, seed, 3, make_anchor, data.anchor_batch, config.anchor_steps, 'm_B (anchor): numeric arithmetic')
 
 def train_augment(config: Config, world: data.World, seed: int) -> Module:
-    torch.manual_seed(seed * 1000 + 4)
-    augment = make_augment(config).train()
-    generator = seeded(seed, 4)
-
-    train(
-        embeddings_of(augment), augment.to_logits, list(augment.parameters()),
-        lambda: data.augment_batch(world, config.batch_size, generator),
-        steps = config.augment_steps, lr = config.lr, desc = 'm_A (augment): key values'
-    )
-    return augment.eval()
+    return pretrain(config, world, seed, 4, make_augment, data.augment_batch, config.augment_steps, 'm_A (augment): key values')
 
 def composed(config: Config, seed: int, system: str, anchor: Module, augment: Module, composition: data.CompositionData, evals: data.EvalSets, run_dir: Path, retrain: bool) -> tuple[CALM, list]:
     """Composes m_B with an augment and trains (or loads) the cross-attention; returns the
