@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch.nn import Module, ModuleList
 
@@ -28,6 +28,9 @@ class AugmentParams:
                              segment, concatenated in order; 'final_state' to the state-token sequence
                              the connected block returned after the last segment, a bounded-size
                              summary of an input of any length (context mode only)
+    tokenizer:               the augment's own tokenizer, when it differs from the anchor's: in aligned
+                             mode it reads the anchor's text tokenized its own way (give the anchor's
+                             as `CALM(..., anchor_tokenizer=...)`; see docs/tokenizers.md)
     """
 
     model: Module
@@ -40,3 +43,4 @@ class AugmentParams:
     connect_every_num_layers: int = 4
     mask_kwarg: str | None = None
     recurrent_context: Literal['all_segments', 'final_state'] = 'all_segments'
+    tokenizer: Any = None
