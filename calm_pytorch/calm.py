@@ -294,16 +294,21 @@ class CALM(Module):
                      predicted tokens (`mask` and `pad_id` no longer do): an answer-only loss is
                      `labels = seq.masked_fill(~answer_mask, -100)`
         return_loss: the next-token cross-entropy, else the logits (b, n, num_tokens)
-        input_ids, attention_mask: Hugging Face's names for `seq` and `mask`. Called with them, CALM
-                     is a transformers causal LM (for `Trainer`): the anchor reads all of
-                     `input_ids`, and it returns a `CALMOutput` with `.logits` and `.loss` (None
-                     without `labels`); see calm_pytorch/hf_forward.py"""
+        input_ids, attention_mask: Hugging Face's names for `seq` and `mask`. Called with
+                     `input_ids`, CALM is a transformers causal LM (for `Trainer`): the anchor
+                     reads all of `input_ids`, and it returns a `CALMOutput` with `.logits` and
+                     `.loss` (None without `labels`); see calm_pytorch/hf_forward.py. Beside `seq`,
+                     `attention_mask` goes to the anchor as one of its keywords"""
 
         if self.hooks_removed:
             raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
 
-        if exists(input_ids) or exists(attention_mask):
+        if exists(input_ids):
             return hf_forward(self, seq, mask, input_ids, attention_mask, labels, anchor_kwargs, prompt = prompt, prompt_mask = prompt_mask)
+
+        # beside `seq`, an attention mask is the anchor's own keyword, as it always was
+        if exists(attention_mask):
+            anchor_kwargs['attention_mask'] = attention_mask
 
         if not exists(seq):
             raise TypeError('CALM needs the anchor\'s tokens: `calm(seq)`, or `calm(input_ids = ...)` as a transformers model')

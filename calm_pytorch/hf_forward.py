@@ -89,9 +89,6 @@ def hf_forward(
             '(with `attention_mask`; CALM returns an output with .loss and .logits, as a transformers model), not both'
         )
 
-    if not exists(input_ids):
-        raise TypeError('`attention_mask` was given without `input_ids`')
-
     # Trainer passes its token count when the forward takes **kwargs (see `token_loss`)
     num_items = anchor_kwargs.pop('num_items_in_batch', None)
 
