@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, ModuleList
 
-from calm_pytorch.adapters import ModelAdapter, make_adapter
+from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
@@ -211,6 +211,7 @@ class CALM(Module):
             None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
+        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
         self.hooks_removed = False
 
         self.train(self.training)
@@ -285,6 +286,7 @@ class CALM(Module):
             raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
 
         check_tokens(seq, 'seq', min_len = 2 if return_loss else 1)
+        self.anchor_adapter.check_token_ids(seq, 'seq')
 
         if exists(mask):
             mask = check_mask(mask, seq, 'mask', 'seq')
@@ -358,6 +360,7 @@ class CALM(Module):
             prompt, prompt_mask = left_pad(list(prompt))
 
         check_tokens(prompt, 'prompt')
+        self.anchor_adapter.check_token_ids(prompt, 'prompt')
 
         if exists(prompt_mask):
             prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
@@ -477,6 +480,11 @@ class CALM(Module):
 
         adapter.check_length(inputs, 'seq' if aligned else arg)
 
+        # aligned inputs were checked against the anchor's vocabulary: check again only against another
+        # one (declared with same_tokenizer, or an anchor whose vocabulary is unknown)
+        if not exists(adapter.input_shape) and (not aligned or adapter.vocab_size != self.anchor_adapter.vocab_size):
+            adapter.check_token_ids(inputs, 'seq' if aligned else arg)
+
         # each augment reads its input on its own device (and a float input in its own dtype)
         inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
         inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
@@ -508,6 +516,9 @@ class CALM(Module):
                 f"augment {index} has recurrent_context='final_state': its final state summarises the whole input, "
                 'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode)'
             )
+
+        if exists(self.vocab_mismatch[index]):
+            raise ValueError(self.vocab_mismatch[index])
 
         if exists(adapter.input_shape):
             raise ValueError(f'augment {index} takes inputs of shape {adapter.input_shape}, not tokens, so it cannot read `seq`; pass its input as `prompt=`')
