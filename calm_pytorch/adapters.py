@@ -147,13 +147,17 @@ class ModelAdapter:
 
         raise TypeError(f'could not find logits in the output of {self.name} ({type(output).__name__}); expected a tensor, an object with `.logits`, or a tuple starting with the logits. Pass a function picking them, e.g. `anchor_logits_fn=lambda output: output[1]`')
 
-    def check_token_ids(self, tokens: Tensor, arg_name: str):
+    def check_token_ids(self, tokens: Tensor, arg_name: str, mask: Tensor | None = None):
         """An id outside the embedding table is a bare IndexError on CPU and a device-side assert
         on CUDA: name it. One min / max reduction and one device sync per input; skipped under
-        torch.compile, where reading the values would break the graph."""
+        torch.compile, where reading the values would break the graph. `mask`: only its True
+        positions are checked (positions that are never read, as the padding of a generate prompt)."""
 
         if not exists(self.vocab_size) or tokens.numel() == 0 or torch.compiler.is_compiling():
             return
+
+        if exists(mask):
+            tokens = tokens.masked_fill(~mask, 0)
 
         low, high = torch.stack(tokens.aminmax()).tolist()
 

@@ -360,7 +360,6 @@ class CALM(Module):
             prompt, prompt_mask = left_pad(list(prompt))
 
         check_tokens(prompt, 'prompt')
-        self.anchor_adapter.check_token_ids(prompt, 'prompt')
 
         if exists(prompt_mask):
             prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
@@ -368,6 +367,8 @@ class CALM(Module):
 
             if bool(prompt_mask.all()):
                 prompt_mask = None
+
+        self.anchor_adapter.check_token_ids(prompt, 'prompt', prompt_mask)  # padding is never read
 
         if exists(seq_len) == exists(max_new_tokens):
             raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')

@@ -133,6 +133,11 @@ def test_out_of_range_ids_are_named_for_an_x_transformers_composition(value):
     with pytest.raises(ValueError, match = r'`prompt` ' + message):
         calm.generate(seq, max_new_tokens = 2)
 
+    # the padding of a masked generate prompt is never read, its real positions are
+    padded = torch.cat([torch.full((2, 2), -1), seq], dim = -1)
+    with pytest.raises(ValueError, match = r'`prompt` ' + message):
+        calm.generate(padded, prompt_mask = torch.arange(padded.shape[-1]).expand_as(padded) >= 2, max_new_tokens = 2)
+
     with pytest.raises(ValueError, match = r'`augment_prompt` ' + message):
         calm.generate(tokens(length = 4), max_new_tokens = 2, augment_prompt = seq)
 
