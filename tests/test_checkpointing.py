@@ -50,7 +50,9 @@ ANCHORS = dict(
 def composition(name: str, connections = ((4, 2), (8, 4)), **kwargs) -> CALM:
     torch.manual_seed(0)
     build, options, _ = ANCHORS[name]
-    calm = CALM(build(), AugmentParams(model = decoder(dim = 24, depth = 8), connections = connections), attn_kwargs = dict(heads = 2, dim_head = 16), **options, **kwargs)
+
+    # the tests feed tokens below 128, the HF anchor's vocabulary; the augment's is 256
+    calm = CALM(build(), AugmentParams(model = decoder(dim = 24, depth = 8), connections = connections, same_tokenizer = True), attn_kwargs = dict(heads = 2, dim_head = 16), **options, **kwargs)
 
     # random output projections, so that every delta and gradient is non-zero
     with torch.no_grad():
