@@ -246,6 +246,7 @@ def text_aligned_context(calm: CALM, index: int, seq: Tensor, mask: Tensor | Non
     alignment = align(seq, mask, calm.anchor_text, calm.augment_texts[index])
 
     adapter.check_length(alignment.ids, f'the augment tokenization of `seq` (augment {index})')
+    adapter.check_token_ids(alignment.ids, f'the augment tokenization of `seq` (augment {index}; is its tokenizer the one of its model?)')
     inputs = to_model(alignment.ids, adapter.model, 'seq')
     inputs_mask = alignment.mask.to(inputs.device)
 
@@ -336,6 +337,7 @@ class TextStream:
 
         ids = to_model(torch.tensor([target], dtype = torch.long), adapter.model, 'seq')
         adapter.check_length(ids, f'the augment tokenization of the generated text (augment {index})')
+        adapter.check_token_ids(ids, f'the augment tokenization of the generated text (augment {index})')
 
         if not adapter.can_cache:
             # recomputes every position

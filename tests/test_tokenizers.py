@@ -239,3 +239,9 @@ def test_cached_generation_equals_uncached_and_the_forward_at_every_step(augment
 
     if augment_tokenizer == 'across_spaces' and continuations is not None:
         assert len(crops) > 0  # the augment's cache was rolled back where the text was re-tokenized
+
+def test_another_vocabulary_without_tokenizers_points_to_them():
+    calm = CALM(xt_decoder(len(byte_bpe()), 32), AugmentParams(model = xt_decoder(len(wordpiece()), 24)))
+
+    with pytest.raises(ValueError, match = r'AugmentParams\(tokenizer = augment_tokenizer\) and CALM\(\.\.\., anchor_tokenizer = anchor_tokenizer\)'):
+        calm(ids('the cat'))
