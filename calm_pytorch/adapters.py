@@ -396,8 +396,8 @@ def vocab_mismatch(anchor: ModelAdapter, augment: ModelAdapter, index: int, same
     return (
         f'augment {index} ({type(augment.model).__name__}) has a vocabulary of {augment.vocab_size} tokens, the anchor ({type(anchor.model).__name__}) {anchor.vocab_size}. '
         "In aligned mode (no prompt) the augment reads the anchor's token ids, which means one tokenizer for both. "
-        'To have it read the same text tokenized its own way, give both tokenizers: AugmentParams(tokenizer = augment_tokenizer) and '
-        'CALM(..., anchor_tokenizer = anchor_tokenizer) (docs/tokenizers.md). Or give it the text in its own tokens as `prompt=` (context mode); '
+        'Give the augment the text in its own tokens as `prompt=` (context mode); or, to have it read the same text tokenized its own way, '
+        'give both tokenizers: AugmentParams(tokenizer = augment_tokenizer) and CALM(..., anchor_tokenizer = anchor_tokenizer) (docs/tokenizers.md); '
         'or, if both do share one tokenizer and only their embedding tables are padded to different sizes, say so with AugmentParams(same_tokenizer = True)'
     )
 
