@@ -180,6 +180,27 @@ def test_an_augment_tokenizer_needs_the_anchor_tokenizer():
     with pytest.raises(ValueError, match = 'anchor_tokenizer'):
         CALM(anchor, AugmentParams(model = augment, tokenizer = wordpiece()))
 
+def test_augments_with_and_without_a_tokenizer_mix():
+    torch.manual_seed(0)
+    anchor = xt_decoder(len(byte_bpe()), 32)
+    params = [
+        AugmentParams(model = xt_decoder(len(wordpiece()), 24), tokenizer = wordpiece()),
+        AugmentParams(model = xt_decoder(len(byte_bpe()), 16)),                      # reads the anchor's ids
+        AugmentParams(model = xt_decoder(len(across_spaces_bpe()), 16)),             # context mode: its own tokens
+    ]
+    calm = trained(CALM(anchor, params, anchor_tokenizer = byte_bpe(), attn_kwargs = dict(heads = 2, dim_head = 16)))
+    document = torch.tensor([across_spaces_bpe()('the mat and the dog')['input_ids']])
+
+    seq = ids('the cat sat on the mat')
+    with torch.no_grad():
+        logits = calm(seq, prompt = [None, None, document], return_loss = False)
+
+    assert logits.shape == (1, seq.shape[-1], len(byte_bpe()))
+
+    cached = calm.generate(seq, max_new_tokens = 6, temperature = 0., augment_prompt = [None, None, document])
+    uncached = calm.generate(seq, max_new_tokens = 6, temperature = 0., augment_prompt = [None, None, document], use_cache = False)
+    assert torch.equal(cached, uncached)
+
 # generation
 
 def step_logits(calm, prompt, forced = None, **kwargs):
