@@ -14,6 +14,7 @@ from calm_pytorch.helpers import exists
 from calm_pytorch.names import is_named, resolve_blocks
 from calm_pytorch.params import HiddenPosition
 from calm_pytorch.sites import Site, register_read_hook
+from calm_pytorch.trainable import peft_base_model
 
 # an adapter knows one model's calling conventions and where its layers are:
 # how to call it with inputs and a padding mask, where its logits are, and the sites
@@ -328,6 +329,9 @@ def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdap
     # role ('anchor' or 'augment') matters to transformers models only: an augment's padding
     # mask also gives its position ids, and an encoder-decoder can only be an augment
     from calm_pytorch.hf import HFAdapter
+
+    # a PEFT-wrapped model is wired like its base model
+    model = peft_base_model(model)
 
     if HFAdapter.matches(model):
         return HFAdapter(model, role = role, **kwargs)

@@ -58,6 +58,14 @@ def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
     """Shards the anchor and the augments of `calm` over the processes, in place, and makes the
     composition weights equal to rank 0's (as DDP would). Returns `calm`; one process: unchanged."""
 
+    trainable = [name for model in ('anchor', 'augments') for name, param in getattr(calm, model).named_parameters(prefix = model) if param.requires_grad]
+
+    if len(trainable) > 0:
+        raise ValueError(
+            f"strategy='fsdp' shards frozen models only, but these of their parameters are trained: {', '.join(trainable[:5])}"
+            f"{' ...' if len(trainable) > 5 else ''}. Train them with strategy='ddp'"
+        )
+
     if not distributed.enabled:
         return calm
 
