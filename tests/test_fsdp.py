@@ -158,3 +158,10 @@ def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(r
         assert max(local0, local1) <= 0.55 * total, (local0, local1, total)
 
     assert all(rank['resharded'] and rank['straight_resharded'] for rank in ranks)
+
+def test_fsdp_refuses_trained_anchor_parameters():
+    calm = build(hf_anchor = True)
+    calm.anchor.model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # as a LoRA weight would be
+
+    with pytest.raises(ValueError, match = r"strategy='fsdp' shards frozen models only.*anchor\.model\.layers\.0\.mlp\.up_proj\.weight.*strategy='ddp'"):
+        finetuner(calm, batch_size = 2, strategy = 'fsdp', train_anchor_params = True)
