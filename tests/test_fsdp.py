@@ -10,8 +10,8 @@ from calm_pytorch import CALM, AugmentParams, FineTuner
 from calm_pytorch.fsdp import local_and_global_numel
 from calm_pytorch.training_state import checkpoints
 
-from conftest import decoder
 from hf_models import VOCAB, llama
+from x_transformers import Decoder, TransformerWrapper
 from test_trainer import assert_close, assert_equal, composition, free_port, frozen
 
 # FSDP2 over 2 processes on CPU (gloo), spawned once: every scenario runs in the same two workers.
@@ -20,6 +20,10 @@ from test_trainer import assert_close, assert_equal, composition, free_port, fro
 # an augment that stopped early (as it does without FSDP) would leave FSDP units gathered.
 
 LENGTH = 12
+
+def decoder(dim: int, depth: int) -> TransformerWrapper:
+    # the vocabulary of the tiny HF models: in aligned mode both models read the same token ids
+    return TransformerWrapper(num_tokens = VOCAB, max_seq_len = 64, attn_layers = Decoder(dim = dim, depth = depth, heads = 2, attn_dim_head = 16))
 
 def build(hf_anchor: bool, init_seed: int = 0) -> CALM:
     torch.manual_seed(1234)
@@ -108,6 +112,16 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
         straight_resharded = all_resharded(straight.calm)
     )
 
+    # 3. activation checkpointing of the anchor's blocks inside FSDP units: the same training
+
+    checkpointed = build(hf_anchor = True)
+    checkpointed.gradient_checkpointing_enable()
+    assert len(checkpointed.checkpointed_modules) > 0
+
+    tuner_ckpt = finetuner(checkpointed, batch_size = 2, strategy = 'fsdp')
+    tuner_ckpt.train()
+    results.update(checkpointed = composition(checkpointed), checkpointed_losses = [record['loss'] for record in tuner_ckpt.history])
+
     torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     tuner.close()
 
@@ -148,6 +162,13 @@ def test_fsdp_resume_equals_uninterrupted_run(ranks):
     for rank in ranks:
         assert rank['resumed_from'] == 2
         assert_equal(rank['resumed'], rank['straight'])
+
+def test_fsdp_with_activation_checkpointing_trains_the_same(ranks):
+    _, ranks = ranks
+
+    for rank in ranks:
+        assert_close(rank['checkpointed'], rank['composition'], atol = 1e-6)
+        assert rank['checkpointed_losses'] == pytest.approx(rank['losses'], abs = 1e-6)
 
 def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(ranks):
     _, ranks = ranks
