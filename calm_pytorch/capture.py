@@ -72,7 +72,10 @@ class HiddenRecorder:
 
         self.positions[site_key] = self.positions.get(site_key, 0) + hidden.shape[-2]
 
-        if site_key == self.stop_site and self.should_stop():
+        # torch.export's default (non-strict) tracer keeps a stack of the modules it is inside and
+        # fails when an exception unwinds through them; there the augment runs to its end, and
+        # export's dead-code elimination drops its unused upper layers from the exported graph
+        if site_key == self.stop_site and self.should_stop() and not torch.compiler.is_exporting():
             raise StopForward
 
     def should_stop(self) -> bool:
