@@ -109,6 +109,11 @@ class ModelAdapter:
 
         return sorted(layers, key = lambda layer: first_firing[layer.output.key])
 
+    def checkpoint_units(self) -> list[list[Module]]:
+        """Per layer, the modules whose `forward` activation checkpointing wraps: the block itself
+        (its hooks, on `__call__`, stay outside the checkpoint)."""
+        return [[layer.output.module] for layer in self.layers]
+
     # calling the model
 
     def dummy_input(self, seq_len: int = 2) -> Tensor:
@@ -349,7 +354,18 @@ class XTransformersAdapter(ModelAdapter):
 
         outputs = [Site(residuals[end], 'output') for end in ends]
         inputs = [Site(attn_layers, 'input'), *outputs[:-1]]
+
+        # a layer's computation is the branches (attention, feedforward) of its sublayers; the
+        # residual modules carrying our hooks stay outside them
+        branches = [attn_layers.layers[i][1] for i in order]
+        starts = [0, *(end + 1 for end in ends[:-1])]
+        self.branches = {output.key: branches[start:end + 1] for output, start, end in zip(outputs, starts, ends)}
+
         return [Layer(input, output) for input, output in zip(inputs, outputs)]
+
+    def checkpoint_units(self) -> list[list[Module]]:
+        branches = getattr(self, 'branches', {})
+        return [branches.get(layer.output.key, [layer.output.module]) for layer in self.layers]
 
 def vocab_mismatch(anchor: ModelAdapter, augment: ModelAdapter, index: int, same_tokenizer: bool) -> str | None:
     """The error an aligned call of augment `index` must raise when both vocabularies are known and

@@ -12,6 +12,7 @@ from torch.nn import Module, ModuleList
 
 from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
+from calm_pytorch.checkpointing import GradientCheckpointing, disable_checkpointing
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
@@ -30,7 +31,7 @@ from calm_pytorch.wiring import default_connections, validate_connections
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(Module):
+class CALM(GradientCheckpointing, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
@@ -239,6 +240,8 @@ class CALM(Module):
 
         for hooks in (*self.recorders, self.injector):
             hooks.remove()
+
+        disable_checkpointing(self)
 
         for module, training, flags in self._frozen_state:
             module.train(training)
