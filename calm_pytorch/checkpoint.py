@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor
 from calm_pytorch.atomic import atomic_write_bytes
 from calm_pytorch.calm import CALM
 from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.fingerprint import composition_identities, models_differences
 from calm_pytorch.helpers import typecheck
 
 # a composition checkpoint is one safetensors file: the tensors are the composition weights
@@ -253,6 +255,15 @@ def check_wiring_shape(wiring: dict, path: Path):
     if not isinstance(augments, list) or not all(map(well_formed, augments)):
         raise CheckpointError(f'{path} is corrupted: its wiring does not list augments, each with connections of an augment_layer and an anchor_layer')
 
+    # the identity of the frozen models (absent from checkpoints of calm-compose before it)
+    models = wiring.get('models', dict(anchor = {}, augments = [{}] * len(augments)))
+
+    if not (
+        isinstance(models, dict) and isinstance(models.get('anchor'), dict) and isinstance(models.get('augments'), list) and
+        len(models['augments']) == len(augments) and all(isinstance(one, dict) for one in models['augments'])
+    ):
+        raise CheckpointError(f'{path} is corrupted: its wiring does not hold the identity of the anchor and of each of its {len(augments)} augments')
+
 def read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f'no composition checkpoint at {path}')
@@ -266,7 +277,7 @@ def save_composition(calm: CALM, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in composition_state_dict(calm).items()}
-    wiring_json = json.dumps(composition_wiring(calm), sort_keys = True)
+    wiring_json = json.dumps(composition_wiring(calm) | dict(models = composition_identities(calm)), sort_keys = True)
 
     # the tensor bytes do not depend on the metadata: serialise once to hash them, then again with the hash
 
@@ -277,10 +288,13 @@ def save_composition(calm: CALM, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, raw)
 
 @typecheck
-def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
+def load_composition(calm: CALM, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
     """Loads composition weights saved by `save_composition` into `calm`, whose frozen models and
     wiring must match the saved one. Everything is checked before any weight is touched: on error
-    `calm` is unchanged. Returns the checkpoint's wiring."""
+    `calm` is unchanged. Returns the checkpoint's wiring.
+
+    strict_models: frozen models other than those the checkpoint was trained over (another class,
+    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning"""
 
     path = Path(path)
     raw = read_bytes(path)
@@ -292,6 +306,7 @@ def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f'{path} is corrupted: safetensors could not read it ({error})') from None
 
     check_fits(calm, wiring, tensors, path)
+    check_models(calm, wiring, path, strict_models)
 
     anchor_params = dict(calm.anchor.named_parameters())
 
@@ -338,6 +353,35 @@ def check_fits(calm: CALM, saved: dict[str, Any], tensors: dict[str, Tensor], pa
         'Build the CALM over the same models with the same connections, hidden positions and attn_kwargs as the one saved '
         f'(the saved wiring: calm_pytorch.read_wiring({str(path)!r}))'
     )
+
+def check_models(calm: CALM, saved: dict[str, Any], path: Path, strict: bool):
+    if 'models' not in saved:
+        warnings.warn(
+            f'{path} was written by calm-compose {saved.get("library_version")} without the identity of its frozen models, so nothing '
+            'checks that this composition is over the models it was trained with. Saving it again adds the identity',
+            stacklevel = 3
+        )
+        return
+
+    differences, cannot = models_differences(saved['models'], composition_identities(calm))
+
+    for line in cannot:
+        warnings.warn(f'{path}: {line}', stacklevel = 3)
+
+    if len(differences) == 0:
+        return
+
+    details = '\n'.join(f'  - {line}' for line in differences)
+    message = (
+        f'the checkpoint {path} was trained over other frozen models than this composition\'s:\n{details}\n'
+        'Its cross-attention learned to read those models; over others its output means nothing. Build the CALM over the models it was trained with, '
+        'or, if these are the same models in another form (cast to another dtype, re-quantized), load with `strict_models = False`'
+    )
+
+    if strict:
+        raise CompositionMismatchError(message)
+
+    warnings.warn(message, stacklevel = 3)
 
 def wiring_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     saved_augments, current_augments = saved.get('augments', []), current['augments']

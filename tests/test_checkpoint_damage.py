@@ -14,14 +14,26 @@ from calm_pytorch import CALM, AugmentParams, CheckpointError
 # every damaged file is a CheckpointError and loads nothing: whatever the damage, including
 # headers that are valid JSON of the wrong shape
 
+MODELS = {}
+
 def tiny() -> CALM:
-    calm = CALM(decoder(dim = 16, depth = 2), AugmentParams(model = decoder(dim = 16, depth = 4)), attn_kwargs = dict(heads = 1, dim_head = 8))
+    # every composition of a test over the same frozen models, as a checkpoint expects
+    if 'anchor' not in MODELS:
+        MODELS.update(anchor = decoder(dim = 16, depth = 2), augment = decoder(dim = 16, depth = 4))
+
+    calm = CALM(MODELS['anchor'], AugmentParams(model = MODELS['augment']), attn_kwargs = dict(heads = 1, dim_head = 8))
 
     with torch.no_grad():
         for param in calm.cross_attns.parameters():
             param.normal_()
 
     return calm
+
+@pytest.fixture(autouse = True)
+def fresh_models():
+    MODELS.clear()
+    yield
+    MODELS.clear()
 
 def snapshot(calm: CALM) -> dict[str, torch.Tensor]:
     return {key: tensor.clone() for key, tensor in calm.composition_state_dict().items()}
