@@ -37,6 +37,7 @@ class HiddenRecorder:
         self.handles = []
         self.stop_site = None
         self.fires_once = False
+        self.stop_early = True  # False runs the augment to its end (FSDP: see calm_pytorch/fsdp.py)
 
         if adapter.returns_hiddens:
             return
@@ -72,7 +73,7 @@ class HiddenRecorder:
 
         self.positions[site_key] = self.positions.get(site_key, 0) + hidden.shape[-2]
 
-        if site_key == self.stop_site and self.should_stop():
+        if site_key == self.stop_site and self.stop_early and self.should_stop():
             raise StopForward
 
     def should_stop(self) -> bool:
