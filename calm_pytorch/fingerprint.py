@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -43,6 +44,17 @@ def as_bytes(tensor: Tensor) -> bytes:
     tensor = tensor.cpu().contiguous()
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() > 0 else b''
 
+def class_name(model: Module) -> str:
+    # FSDP2's fully_shard swaps a module's class for a generated `FSDP<Class>`: a sharded model is
+    # still the model it was (only its parameters become DTensor shards, counted unread)
+    fsdp = sys.modules.get('torch.distributed.fsdp')
+    fsdp_module = getattr(fsdp, 'FSDPModule', None)
+
+    if isinstance(fsdp_module, type) and isinstance(model, fsdp_module):
+        return next((base.__name__ for base in type(model).__bases__ if not issubclass(base, fsdp_module)), type(model).__name__)
+
+    return type(model).__name__
+
 def frozen_tensors(model: Module, skip: Iterable[str] = ()) -> list[tuple[str, Tensor]]:
     skip = set(skip)
     named = chain(model.named_parameters(), model.named_buffers())
@@ -71,7 +83,7 @@ def model_identity(model: Module, *, layers: int, widths: Iterable[int], vocab_s
         weights.update(as_bytes(chunk))
 
     return dict(
-        model = type(model).__name__,
+        model = class_name(model),
         layers = layers,
         widths = sorted(set(widths)),
         vocab_size = vocab_size,
@@ -144,7 +156,7 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> tupl
     elif saved.get('dtypes') != current.get('dtypes'):
         differences.append(f'its weights are {"/".join(current.get("dtypes", []))} here, {"/".join(saved.get("dtypes", []))} in the checkpoint, so their values cannot be compared')
     elif saved.get('unread') != current.get('unread'):
-        warnings.append(f'its weights could not be compared: {saved.get("unread")} tensors were unreadable (meta device or quantized) when saved, {current.get("unread")} here')
+        warnings.append(f'its weights could not be compared: {saved.get("unread")} tensors were unreadable (meta device, quantized or sharded) when saved, {current.get("unread")} here')
     elif saved.get('weights') != current.get('weights'):
         differences.append(f'its weights differ (fingerprint {saved.get("weights")} in the checkpoint, {current.get("weights")} here): same shapes, other values')
 
