@@ -270,11 +270,12 @@ class CALM(GradientCheckpointing, CompositionInit, Module):
         from calm_pytorch.checkpoint import save_composition
         return save_composition(self, path)
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
         """Loads a checkpoint written by `save` into this composition over the same frozen models.
-        A mismatched wiring or a damaged file is an error, and then nothing is loaded."""
+        A mismatched wiring, other frozen models (unless `strict_models = False`: then a warning)
+        or a damaged file is an error, and then nothing is loaded."""
         from calm_pytorch.checkpoint import load_composition
-        return load_composition(self, path)
+        return load_composition(self, path, strict_models = strict_models)
 
     # forward
 
