@@ -11,7 +11,7 @@ from text_tokenizers import ALPHABET, across_spaces_bpe, byte_bpe, wordpiece
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 
-from calm_pytorch import CALM, AugmentParams
+from calm_pytorch import CALM, AugmentParams, FineTuner
 from calm_pytorch.tokenizer_alignment import AnchorText, AugmentText, align, committed_text
 
 # aligned mode across tokenizers: the anchor (a byte-level BPE) and an augment with its own
@@ -173,6 +173,23 @@ def test_training_reaches_the_composition_only():
 
     assert losses[-1] < losses[0]
     assert all(torch.equal(param, frozen[name]) for name, param in calm.named_parameters() if not param.requires_grad)
+
+def test_finetuner_trains_a_cross_tokenizer_composition():
+    calm = composition(wordpiece())
+    before = {key: tensor.clone() for key, tensor in calm.composition_state_dict().items()}
+    frozen = {key: tensor.clone() for key, tensor in calm.state_dict().items() if not key.startswith('cross_attns.')}
+
+    texts = ['the cat sat on the mat, and', 'then they went there together;', 'the other one stayed at home.', 'numbers like 12 and 345 are']
+    data = []
+    for text in texts:
+        tokens = ids(text)[0][:8]
+        data.append(dict(seq = torch.nn.functional.pad(tokens, (0, 8 - len(tokens))), mask = torch.arange(8) < len(tokens)))
+
+    FineTuner(calm, data, num_train_steps = 3, batch_size = 2, learning_rate = 1e-2, progress = False, device = 'cpu').train()
+
+    after = calm.composition_state_dict()
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+    assert all(torch.equal(tensor, frozen[key]) for key, tensor in calm.state_dict().items() if key in frozen)
 
 def test_an_augment_tokenizer_needs_the_anchor_tokenizer():
     anchor, augment = xt_decoder(len(byte_bpe()), 32), xt_decoder(len(wordpiece()), 24)
