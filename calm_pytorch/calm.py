@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from torch.nn import Module, ModuleList
 
 from calm_pytorch.adapters import ModelAdapter, make_adapter
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.composed import composed_anchor
-from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
 from calm_pytorch.generation import generate as generate_tokens
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
-from calm_pytorch.loss import IGNORE, shift_for_next_token
+from calm_pytorch.loss import mean_token_loss, shift_for_next_token
 from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
@@ -168,7 +166,7 @@ class CALM(Module):
 
         self.cross_attns = ModuleList([
             ModuleList([
-                CrossAttentionBlock(anchor_dims[site.key], augment_dims[index][key], **attn_kwargs)
+                CrossAttentionBlock(anchor_dims[site.key], augment_dims[index][key], **check_attn_kwargs(attn_kwargs))
                 for site, key in zip(anchor_sites[index], augment_keys[index])
             ])
             for index in range(len(augments))
@@ -306,8 +304,7 @@ class CALM(Module):
         if not return_loss:
             return logits
 
-        # classes last and positions flattened: cross_entropy over a (b, c, n) view is twice as slow on CPU
-        return F.cross_entropy(rearrange(logits, 'b n c -> (b n) c'), rearrange(labels, 'b n -> (b n)'), ignore_index = IGNORE)
+        return mean_token_loss(logits, labels)
 
     @torch.no_grad()
     @typecheck
