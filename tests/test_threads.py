@@ -111,13 +111,13 @@ def test_hf_forward_generate_and_composed_generate_from_four_threads_match_seque
 
 def test_the_anchor_called_directly_in_another_thread_stays_plain():
     # hooks are guests: while other threads run composed calls (a CALM forward, or an open
-    # `composed(...)` block), a thread calling the anchor itself gets the plain anchor's output
+    # `composed(...)` block), a thread calling the anchor or the augment itself gets its plain output
     torch.manual_seed(0)
-    anchor = llama(depth = 2).eval()
-    calm = random_composition(anchor, AugmentParams(model = gpt2(depth = 2), connections = ((1, 1), (2, 2))))
+    anchor, augment = llama(depth = 2).eval(), gpt2(depth = 2).eval()
+    calm = random_composition(anchor, AugmentParams(model = augment, connections = ((1, 1), (2, 2))))
 
     seq, document = torch.randint(3, 100, (2, 6)), torch.randint(3, 100, (2, 7))
-    plain = anchor(seq).logits
+    plain, plain_augment = anchor(seq).logits, augment(document).logits
     plain_generated = anchor.generate(seq, **GREEDY_HF)
 
     def composed_forward():
@@ -127,12 +127,14 @@ def test_the_anchor_called_directly_in_another_thread_stays_plain():
     calls = [
         lambda: anchor(seq).logits,
         lambda: anchor.generate(seq, **GREEDY_HF),
+        lambda: augment(document).logits,
         lambda: calm(seq, prompt = document, return_loss = False),
         composed_forward,
     ]
 
-    for direct, direct_generated, composed_logits, composed_block_logits in run_together(calls):
+    for direct, direct_generated, direct_augment, composed_logits, composed_block_logits in run_together(calls):
         assert torch.equal(direct, plain)
         assert torch.equal(direct_generated, plain_generated)
+        assert torch.equal(direct_augment, plain_augment)
         assert not torch.equal(composed_logits, plain)
         assert torch.equal(composed_block_logits, composed_logits)
