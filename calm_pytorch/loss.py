@@ -40,14 +40,22 @@ def next_token_loss(model: Module, batch: dict) -> tuple[Tensor, Tensor]:
     CALM's forward: `seq` shifted by one, masked positions and `pad_id` ignored.
 
     model: the CALM, or the DistributedDataParallel around it (its forward must be the one called)
-    batch: `seq` (b, n), optionally `mask` (b, n) and anything else CALM's forward takes (`prompt`, ...)"""
+    batch: `seq` (b, n), optionally `mask` (b, n), `labels` (b, n; as in CALM's forward: -100 where no
+           loss is wanted) and anything else CALM's forward takes (`prompt`, ...)"""
 
     calm = model.module if isinstance(model, DistributedDataParallel) else model
     batch = dict(batch)
-    seq, mask = batch.pop('seq'), batch.pop('mask', None)
+    seq, mask, labels = batch.pop('seq'), batch.pop('mask', None), batch.pop('labels', None)
 
-    inputs, mask, labels = shift_for_next_token(seq, mask, calm.pad_id)
+    inputs, mask, labels = shift_labels(seq, mask, labels) if exists(labels) else shift_for_next_token(seq, mask, calm.pad_id)
     logits = model(inputs, mask = mask, return_loss = False, **batch)
 
     loss = F.cross_entropy(rearrange(logits.float(), 'b n c -> b c n'), labels, ignore_index = IGNORE, reduction = 'sum')
     return loss, (labels != IGNORE).sum()
+
+def shift_labels(seq: Tensor, mask: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Like `shift_for_next_token`, with labels given as in Hugging Face: (b, n) aligned with `seq`,
+    IGNORE (-100) where no loss is wanted. They alone say which tokens are predicted: `mask` and
+    `pad_id` only shape the anchor's input (an answer-only loss keeps the question in `mask`)."""
+
+    return seq[:, :-1], mask[:, :-1] if exists(mask) else None, labels[:, 1:]
