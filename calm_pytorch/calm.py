@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 from torch.nn import Module, ModuleList
 
-from calm_pytorch.adapters import ModelAdapter, make_adapter
+from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
+from calm_pytorch.checkpointing import GradientCheckpointing, disable_checkpointing
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
@@ -30,7 +31,7 @@ from calm_pytorch.wiring import default_connections, validate_connections
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(Module):
+class CALM(GradientCheckpointing, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
@@ -215,6 +216,7 @@ class CALM(Module):
             None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
+        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
         self.hooks_removed = False
 
         self.train(self.training)
@@ -238,6 +240,8 @@ class CALM(Module):
 
         for hooks in (*self.recorders, self.injector):
             hooks.remove()
+
+        disable_checkpointing(self)
 
         for module, training, flags in self._frozen_state:
             module.train(training)
@@ -314,6 +318,7 @@ class CALM(Module):
             raise TypeError('CALM needs the anchor\'s tokens: `calm(seq)`, or `calm(input_ids = ...)` as a transformers model')
 
         check_tokens(seq, 'seq', min_len = 2 if return_loss else 1)
+        self.anchor_adapter.check_token_ids(seq, 'seq')
 
         if exists(mask):
             mask = check_mask(mask, seq, 'mask', 'seq')
@@ -399,6 +404,8 @@ class CALM(Module):
 
             if bool(prompt_mask.all()):
                 prompt_mask = None
+
+        self.anchor_adapter.check_token_ids(prompt, 'prompt', prompt_mask)  # padding is never read
 
         if exists(seq_len) == exists(max_new_tokens):
             raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')
@@ -511,6 +518,11 @@ class CALM(Module):
 
         adapter.check_length(inputs, 'seq' if aligned else arg)
 
+        # aligned inputs were checked against the anchor's vocabulary: check again only against another
+        # one (declared with same_tokenizer, or an anchor whose vocabulary is unknown)
+        if not exists(adapter.input_shape) and (not aligned or adapter.vocab_size != self.anchor_adapter.vocab_size):
+            adapter.check_token_ids(inputs, 'seq' if aligned else arg)
+
         # each augment reads its input on its own device (and a float input in its own dtype)
         inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
         inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
@@ -542,6 +554,9 @@ class CALM(Module):
                 f"augment {index} has recurrent_context='final_state': its final state summarises the whole input, "
                 'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode)'
             )
+
+        if exists(self.vocab_mismatch[index]):
+            raise ValueError(self.vocab_mismatch[index])
 
         if exists(adapter.input_shape):
             raise ValueError(f'augment {index} takes inputs of shape {adapter.input_shape}, not tokens, so it cannot read `seq`; pass its input as `prompt=`')
