@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from hf_models import gpt2, llama
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from calm_pytorch import CALM, AugmentParams
-from calm_pytorch.hf_forward import CALMOutput
+from calm_pytorch import CALM, AugmentParams, CALMOutput
 from calm_pytorch.hf_trainer import CALMTrainer, register_accelerate_hooks
 
 # the composition as a Hugging Face Trainer model: HF-style batches, the output Trainer reads,
