@@ -13,6 +13,7 @@ from torch.nn import Module, ModuleList
 from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.checkpointing import GradientCheckpointing, disable_checkpointing
+from calm_pytorch.meta import CompositionInit, on_meta
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
@@ -25,13 +26,14 @@ from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
 from calm_pytorch.summary import summarize
+from calm_pytorch.tokenizer_alignment import text_aligned_context, text_readers
 from calm_pytorch.trainable import freeze_models
 from calm_pytorch.wiring import default_connections, validate_connections
 
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(GradientCheckpointing, Module):
+class CALM(GradientCheckpointing, CompositionInit, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
@@ -53,7 +55,9 @@ class CALM(GradientCheckpointing, Module):
     augment_llm, dim_anchor, dim_augment: the seed API's names; given dims are checked
     anchor_logits_fn:          picks the logits from the anchor's output, when they are not a
                                tensor, `.logits`, or the first element of a tuple
-    composition_dtype:         dtype of the composition weights, or 'anchor' for the anchor's"""
+    composition_dtype:         dtype of the composition weights, or 'anchor' for the anchor's
+    anchor_tokenizer:          the anchor's tokenizer, for augments with a `tokenizer` of their own
+                               (aligned mode across tokenizers, docs/tokenizers.md)"""
 
     @typecheck
     def __init__(
@@ -71,7 +75,8 @@ class CALM(GradientCheckpointing, Module):
         dim_anchor: int | None = None,
         dim_augment: int | Sequence[int] | None = None,
         anchor_logits_fn: Callable[[Any], Tensor] | None = None,
-        composition_dtype: CompositionDtype = torch.float32
+        composition_dtype: CompositionDtype = torch.float32,
+        anchor_tokenizer: Any = None
     ):
         super().__init__()
 
@@ -96,6 +101,7 @@ class CALM(GradientCheckpointing, Module):
         self.frozen_in_eval_mode = frozen_in_eval_mode
         self.anchor = anchor_llm
         self.augments = ModuleList([augment.model for augment in augments])
+        self.anchor_text, self.augment_texts = text_readers(anchor_tokenizer, [augment.tokenizer for augment in augments])
 
         # adapters: where each model's layers are, in execution order, and how to call it
 
@@ -211,12 +217,13 @@ class CALM(GradientCheckpointing, Module):
         self.anchor_sites = anchor_sites
 
         # augments that read tokens are probed for causality here rather than on the first aligned
-        # call: the probe registers hooks, and inside a torch.compile'd forward that is a graph break
+        # call: the probe registers hooks, and inside a torch.compile'd forward that is a graph break.
+        # A model on `meta` has no values to compare yet: probed at its first aligned call
         self.augment_is_causal: list[bool | None] = [
-            None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
+            None if exists(adapter.input_shape) or on_meta(adapter.model) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
-        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
+        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer or exists(augment.tokenizer)) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
         self.hooks_removed = False
 
         self.train(self.training)
@@ -263,11 +270,12 @@ class CALM(GradientCheckpointing, Module):
         from calm_pytorch.checkpoint import save_composition
         return save_composition(self, path)
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
         """Loads a checkpoint written by `save` into this composition over the same frozen models.
-        A mismatched wiring or a damaged file is an error, and then nothing is loaded."""
+        A mismatched wiring, other frozen models (unless `strict_models = False`: then a warning)
+        or a damaged file is an error, and then nothing is loaded."""
         from calm_pytorch.checkpoint import load_composition
-        return load_composition(self, path)
+        return load_composition(self, path, strict_models = strict_models)
 
     # forward
 
@@ -427,8 +435,8 @@ class CALM(GradientCheckpointing, Module):
         full_length = torch.empty((1, total))
         self.anchor_adapter.check_length(full_length, 'prompt + new tokens')
 
-        for adapter, aligned_prompt in zip(self.augment_adapters, augment_prompts):
-            if not exists(aligned_prompt):
+        for index, (adapter, aligned_prompt) in enumerate(zip(self.augment_adapters, augment_prompts)):
+            if not exists(aligned_prompt) and not exists(self.augment_texts[index]):
                 adapter.check_length(full_length, 'prompt + new tokens')
 
         return generate_tokens(
@@ -511,6 +519,10 @@ class CALM(GradientCheckpointing, Module):
                 raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
 
             self.check_aligned(index)
+
+            if exists(self.augment_texts[index]):
+                return text_aligned_context(self, index, seq, mask)
+
             inputs, inputs_mask = seq, mask
         else:
             self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)
