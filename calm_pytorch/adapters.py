@@ -14,6 +14,7 @@ from calm_pytorch.helpers import exists
 from calm_pytorch.names import is_named, resolve_blocks
 from calm_pytorch.params import HiddenPosition
 from calm_pytorch.sites import Site, register_read_hook
+from calm_pytorch.trainable import peft_base_model
 
 # an adapter knows one model's calling conventions and where its layers are:
 # how to call it with inputs and a padding mask, where its logits are, and the sites
@@ -52,6 +53,7 @@ class ModelAdapter:
         self.returns_hiddens = returns_hiddens
         self.mask_kwarg = mask_kwarg if exists(mask_kwarg) else find_mask_kwarg(model)
         self.max_seq_len = None
+        self.vocab_size = None  # known for x-transformers and transformers models: then token ids are checked
 
         if returns_hiddens:
             self.layers = None
@@ -107,6 +109,11 @@ class ModelAdapter:
 
         return sorted(layers, key = lambda layer: first_firing[layer.output.key])
 
+    def checkpoint_units(self) -> list[list[Module]]:
+        """Per layer, the modules whose `forward` activation checkpointing wraps: the block itself
+        (its hooks, on `__call__`, stay outside the checkpoint)."""
+        return [[layer.output.module] for layer in self.layers]
+
     # calling the model
 
     def dummy_input(self, seq_len: int = 2) -> Tensor:
@@ -145,6 +152,27 @@ class ModelAdapter:
             return output[0]
 
         raise TypeError(f'could not find logits in the output of {self.name} ({type(output).__name__}); expected a tensor, an object with `.logits`, or a tuple starting with the logits. Pass a function picking them, e.g. `anchor_logits_fn=lambda output: output[1]`')
+
+    def check_token_ids(self, tokens: Tensor, arg_name: str, mask: Tensor | None = None):
+        """An id outside the embedding table is a bare IndexError on CPU and a device-side assert
+        on CUDA: name it. One min / max reduction and one device sync per input; skipped under
+        torch.compile, where reading the values would break the graph. `mask`: only its True
+        positions are checked (positions that are never read, as the padding of a generate prompt)."""
+
+        if not exists(self.vocab_size) or tokens.numel() == 0 or torch.compiler.is_compiling():
+            return
+
+        if exists(mask):
+            tokens = tokens.masked_fill(~mask, 0)
+
+        low, high = torch.stack(tokens.aminmax()).tolist()
+
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f'`{arg_name}` holds the token id {bad}, outside the vocabulary of {self.name} ({type(self.model).__name__}), '
+                f'whose {self.vocab_size} tokens have ids 0 to {self.vocab_size - 1}; were the ids made by another tokenizer, or padded with a negative id?'
+            )
 
     def check_length(self, inputs: Tensor, arg_name: str):
         if exists(self.max_seq_len) and inputs.shape[-1] > self.max_seq_len:
@@ -268,6 +296,10 @@ class XTransformersAdapter(ModelAdapter):
         if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
             self.max_seq_len = model.max_seq_len
 
+        # a ContinuousTransformerWrapper reads vectors and has no vocabulary
+        num_tokens = getattr(model, 'num_tokens', None)
+        self.vocab_size = num_tokens if isinstance(num_tokens, int) and not exists(self.input_shape) else None
+
     @property
     def can_cache(self) -> bool:
         return bool(getattr(self.model, 'can_cache_kv', False))
@@ -322,12 +354,41 @@ class XTransformersAdapter(ModelAdapter):
 
         outputs = [Site(residuals[end], 'output') for end in ends]
         inputs = [Site(attn_layers, 'input'), *outputs[:-1]]
+
+        # a layer's computation is the branches (attention, feedforward) of its sublayers; the
+        # residual modules carrying our hooks stay outside them
+        branches = [attn_layers.layers[i][1] for i in order]
+        starts = [0, *(end + 1 for end in ends[:-1])]
+        self.branches = {output.key: branches[start:end + 1] for output, start, end in zip(outputs, starts, ends)}
+
         return [Layer(input, output) for input, output in zip(inputs, outputs)]
+
+    def checkpoint_units(self) -> list[list[Module]]:
+        branches = getattr(self, 'branches', {})
+        return [branches.get(layer.output.key, [layer.output.module]) for layer in self.layers]
+
+def vocab_mismatch(anchor: ModelAdapter, augment: ModelAdapter, index: int, same_tokenizer: bool) -> str | None:
+    """The error an aligned call of augment `index` must raise when both vocabularies are known and
+    differ, or None. Recorded at construction rather than raised there: the same augment may
+    be used in context mode (with a prompt of its own tokens), where its vocabulary is its own business."""
+
+    if same_tokenizer or not exists(anchor.vocab_size) or not exists(augment.vocab_size) or anchor.vocab_size == augment.vocab_size:
+        return None
+
+    return (
+        f'augment {index} ({type(augment.model).__name__}) has a vocabulary of {augment.vocab_size} tokens, the anchor ({type(anchor.model).__name__}) {anchor.vocab_size}. '
+        "In aligned mode (no prompt) the augment reads the anchor's token ids, which means one tokenizer for both. "
+        "Give the augment the text in its own tokens as `prompt=` (context mode); or, if both do share one tokenizer and only their "
+        'embedding tables are padded to different sizes, say so with AugmentParams(same_tokenizer = True)'
+    )
 
 def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdapter:
     # role ('anchor' or 'augment') matters to transformers models only: an augment's padding
     # mask also gives its position ids, and an encoder-decoder can only be an augment
     from calm_pytorch.hf import HFAdapter
+
+    # a PEFT-wrapped model is wired like its base model
+    model = peft_base_model(model)
 
     if HFAdapter.matches(model):
         return HFAdapter(model, role = role, **kwargs)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -10,6 +11,9 @@ from typing import BinaryIO
 # flushed to disk, and only then renamed over the target. A rename within one filesystem is
 # atomic on POSIX and Windows, so a crash at any moment leaves either the old file or the new
 # one, never half of either. A crash may leave a hidden `.<name>.*.tmp` behind; it is never read.
+# Files and directories are created with the permissions of the user's umask (0644 and 0755 under
+# the usual 022), as `open` and `mkdir` would: `tempfile.mkstemp` / `mkdtemp` would give 0600 and
+# 0700, which other users of a shared filesystem could not read.
 
 CHUNK_SIZE = 1 << 20
 
@@ -32,11 +36,29 @@ def fsync_dir(path: Path):
     finally:
         os.close(fd)
 
+def create_beside(path: Path, suffix: str, create: Callable[[Path], object]):
+    # a fresh hidden name next to `path`; O_EXCL / mkdir fail rather than reuse an existing one
+    for _ in range(100):
+        candidate = path.parent / f'.{path.name}.{secrets.token_hex(4)}{suffix}'
+        try:
+            return candidate, create(candidate)
+        except FileExistsError:
+            continue
+
+    raise FileExistsError(f'could not create a temporary name beside {path}')
+
+def new_file(path: Path) -> int:
+    # mode 0o666 and O_EXCL, as `open(path, 'xb')` would: the umask decides the permissions
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+
+def new_dir(path: Path):
+    os.mkdir(path, 0o777)  # the umask decides the permissions
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents = True, exist_ok = True)
 
-    fd, tmp = tempfile.mkstemp(dir = path.parent, prefix = f'.{path.name}.', suffix = '.tmp')
+    tmp, fd = create_beside(path, '.tmp', new_file)
 
     try:
         with os.fdopen(fd, 'wb') as handle:
@@ -56,7 +78,7 @@ def temporary_dir_beside(path: str | os.PathLike) -> Path:
     """A hidden directory next to `path`, on the same filesystem, to fill and then `publish_dir`."""
     path = Path(path)
     path.parent.mkdir(parents = True, exist_ok = True)
-    return Path(tempfile.mkdtemp(dir = path.parent, prefix = f'.{path.name}.', suffix = '.tmp'))
+    return create_beside(path, '.tmp', new_dir)[0]
 
 def publish_dir(tmp: Path, path: str | os.PathLike) -> Path:
     """Renames the filled temporary directory to `path`. An existing `path` is first moved aside
@@ -66,7 +88,7 @@ def publish_dir(tmp: Path, path: str | os.PathLike) -> Path:
     old = None
 
     if path.exists():
-        old = Path(tempfile.mkdtemp(dir = path.parent, prefix = f'.{path.name}.', suffix = '.old'))
+        old = create_beside(path, '.old', new_dir)[0]
         os.replace(path, old / path.name)
 
     os.replace(tmp, path)

@@ -7,35 +7,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from torch.nn import Module, ModuleList
 
-from calm_pytorch.adapters import ModelAdapter, make_adapter
+from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
+from calm_pytorch.checkpointing import GradientCheckpointing, disable_checkpointing
 from calm_pytorch.composed import composed_anchor
-from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
 from calm_pytorch.generation import generate as generate_tokens
 from calm_pytorch.helpers import cast_tuple, default, exists, typecheck
+from calm_pytorch.hf_forward import CALMOutput, check_labels, hf_forward
 from calm_pytorch.injection import AnchorInjector, AugmentContext, Connection
-from calm_pytorch.loss import IGNORE, shift_for_next_token
+from calm_pytorch.loss import mean_token_loss, shift_for_next_token, shift_labels
 from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
 from calm_pytorch.summary import summarize
+from calm_pytorch.trainable import freeze_models
 from calm_pytorch.wiring import default_connections, validate_connections
 
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(Module):
+class CALM(GradientCheckpointing, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
     augments stay registered submodules, so `.to()`, `state_dict()` and `parameters()` keep their
-    usual meaning; their parameters have `requires_grad = False` and never get a gradient.
+    usual meaning; their parameters have `requires_grad = False` and never get a gradient, except
+    anchor parameters the user left trainable in a partly frozen anchor (LoRA weights of a PEFT
+    model): those are trained and saved with the composition (calm_pytorch/trainable.py).
 
     anchor_llm:                the frozen anchor: x-transformers, Hugging Face, or any module
     augment_llms:              one augment or a list: `AugmentParams` (wiring options) or a bare model
@@ -168,7 +171,7 @@ class CALM(Module):
 
         self.cross_attns = ModuleList([
             ModuleList([
-                CrossAttentionBlock(anchor_dims[site.key], augment_dims[index][key], **attn_kwargs)
+                CrossAttentionBlock(anchor_dims[site.key], augment_dims[index][key], **check_attn_kwargs(attn_kwargs))
                 for site, key in zip(anchor_sites[index], augment_keys[index])
             ])
             for index in range(len(augments))
@@ -187,8 +190,8 @@ class CALM(Module):
             for module in frozen
         ]
 
-        for module in frozen:
-            module.requires_grad_(False)
+        # anchor parameters the user left trainable (e.g. LoRA weights) stay trainable, and are saved with the composition
+        self.trainable_anchor_params = freeze_models(anchor_llm, self.augments)
 
         # hooks: recorders on the connected augment sites, one injector over the anchor sites
 
@@ -213,6 +216,7 @@ class CALM(Module):
             None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
+        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
         self.hooks_removed = False
 
         self.train(self.training)
@@ -236,6 +240,8 @@ class CALM(Module):
 
         for hooks in (*self.recorders, self.injector):
             hooks.remove()
+
+        disable_checkpointing(self)
 
         for module, training, flags in self._frozen_state:
             module.train(training)
@@ -265,34 +271,65 @@ class CALM(Module):
 
     # forward
 
+    # Hugging Face's Trainer: the token count it passes is over `labels[..., 1:]` for this loss type
+    loss_type = 'ForCausalLM'
+
     @typecheck
     def forward(
         self,
-        seq: Tensor,
+        seq: Tensor | None = None,
         *,
         prompt: Tensor | Sequence[Tensor | None] | None = None,
         prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
         mask: Tensor | None = None,
+        labels: Tensor | None = None,
         return_loss: bool = True,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         **anchor_kwargs
-    ) -> Tensor:
+    ) -> Tensor | CALMOutput:
         """seq:         (b, n) token ids for the anchor
         prompt:      None for aligned mode (each augment reads `seq`), or a context for every
                      augment: one tensor, or one per augment (None there means aligned)
         prompt_mask: (b, m) True for real context positions, one or one per augment
         mask:        (b, n) True for real tokens of `seq`; masked labels are ignored by the loss
-        return_loss: the next-token cross-entropy, else the logits (b, n, num_tokens)"""
+        labels:      (b, n) the loss's targets, as in Hugging Face: aligned with `seq` (shifted
+                     here), -100 where no loss is wanted; given them, only they choose the
+                     predicted tokens (`mask` and `pad_id` no longer do): an answer-only loss is
+                     `labels = seq.masked_fill(~answer_mask, -100)`
+        return_loss: the next-token cross-entropy, else the logits (b, n, num_tokens)
+        input_ids, attention_mask: Hugging Face's names for `seq` and `mask`. Called with
+                     `input_ids`, CALM is a transformers causal LM (for `Trainer`): the anchor
+                     reads all of `input_ids`, and it returns a `CALMOutput` with `.logits` and
+                     `.loss` (None without `labels`); see calm_pytorch/hf_forward.py. Beside `seq`,
+                     `attention_mask` goes to the anchor as one of its keywords"""
 
         if self.hooks_removed:
             raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
 
+        if exists(input_ids):
+            return hf_forward(self, seq, mask, input_ids, attention_mask, labels, anchor_kwargs, prompt = prompt, prompt_mask = prompt_mask)
+
+        # beside `seq`, an attention mask is the anchor's own keyword, as it always was
+        if exists(attention_mask):
+            anchor_kwargs['attention_mask'] = attention_mask
+
+        if not exists(seq):
+            raise TypeError('CALM needs the anchor\'s tokens: `calm(seq)`, or `calm(input_ids = ...)` as a transformers model')
+
         check_tokens(seq, 'seq', min_len = 2 if return_loss else 1)
+        self.anchor_adapter.check_token_ids(seq, 'seq')
 
         if exists(mask):
             mask = check_mask(mask, seq, 'mask', 'seq')
 
+        if exists(labels):
+            check_labels(labels, seq, 'seq')
+
         if return_loss:
-            seq, mask, labels = shift_for_next_token(seq, mask, self.pad_id)
+            seq, mask, labels = shift_labels(seq, mask, labels) if exists(labels) else shift_for_next_token(seq, mask, self.pad_id)
+        elif exists(labels):
+            raise ValueError('`labels` were given with return_loss = False, which returns the logits only; leave the labels out or ask for the loss')
 
         self.anchor_adapter.check_length(seq, 'seq')
 
@@ -306,8 +343,7 @@ class CALM(Module):
         if not return_loss:
             return logits
 
-        # classes last and positions flattened: cross_entropy over a (b, c, n) view is twice as slow on CPU
-        return F.cross_entropy(rearrange(logits, 'b n c -> (b n) c'), rearrange(labels, 'b n -> (b n)'), ignore_index = IGNORE)
+        return mean_token_loss(logits, labels)
 
     @torch.no_grad()
     @typecheck
@@ -368,6 +404,8 @@ class CALM(Module):
 
             if bool(prompt_mask.all()):
                 prompt_mask = None
+
+        self.anchor_adapter.check_token_ids(prompt, 'prompt', prompt_mask)  # padding is never read
 
         if exists(seq_len) == exists(max_new_tokens):
             raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')
@@ -480,6 +518,11 @@ class CALM(Module):
 
         adapter.check_length(inputs, 'seq' if aligned else arg)
 
+        # aligned inputs were checked against the anchor's vocabulary: check again only against another
+        # one (declared with same_tokenizer, or an anchor whose vocabulary is unknown)
+        if not exists(adapter.input_shape) and (not aligned or adapter.vocab_size != self.anchor_adapter.vocab_size):
+            adapter.check_token_ids(inputs, 'seq' if aligned else arg)
+
         # each augment reads its input on its own device (and a float input in its own dtype)
         inputs = to_model(inputs, adapter.model, 'seq' if aligned else arg)
         inputs_mask = inputs_mask.to(inputs.device) if exists(inputs_mask) else None
@@ -511,6 +554,9 @@ class CALM(Module):
                 f"augment {index} has recurrent_context='final_state': its final state summarises the whole input, "
                 'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode)'
             )
+
+        if exists(self.vocab_mismatch[index]):
+            raise ValueError(self.vocab_mismatch[index])
 
         if exists(adapter.input_shape):
             raise ValueError(f'augment {index} takes inputs of shape {adapter.input_shape}, not tokens, so it cannot read `seq`; pass its input as `prompt=`')

@@ -19,7 +19,8 @@ from calm_pytorch.cross_attention import CrossAttentionBlock
 from calm_pytorch.helpers import typecheck
 
 # a composition checkpoint is one safetensors file: the tensors are the composition weights
-# (`cross_attns.*`, nothing of the frozen models) and its string metadata holds
+# (`cross_attns.*`, and `anchor.*` for anchor parameters trained with them, e.g. LoRA weights;
+# nothing of the frozen models) and its string metadata holds
 #   calm_format - 'calm-composition'
 #   calm_wiring - JSON: which augment layer feeds which anchor layer, at what widths and heads
 #   calm_sha256 - a digest of the wiring, the tensor index and every tensor byte: safetensors has
@@ -30,6 +31,7 @@ from calm_pytorch.helpers import typecheck
 FORMAT = 'calm-composition'
 FORMAT_VERSION = 1
 PREFIX = 'cross_attns.'
+ANCHOR_PREFIX = 'anchor.'
 MAX_LISTED = 8
 
 class CheckpointError(ValueError):
@@ -47,8 +49,13 @@ def library_version() -> str:
 # what is saved
 
 def composition_state_dict(calm: CALM) -> dict[str, Tensor]:
-    """The composition weights, keyed as in `calm.state_dict()` (`cross_attns.0.1.to_q.weight`, ...)."""
-    return {PREFIX + key: tensor for key, tensor in calm.cross_attns.state_dict().items()}
+    """The composition weights, keyed as in `calm.state_dict()` (`cross_attns.0.1.to_q.weight`, ...),
+    and the anchor parameters trained with them (`anchor.*`, e.g. LoRA weights: those the user left
+    trainable, see calm_pytorch/trainable.py)."""
+
+    state = {PREFIX + key: tensor for key, tensor in calm.cross_attns.state_dict().items()}
+    state |= {ANCHOR_PREFIX + name: param.detach() for name, param in calm.anchor.named_parameters() if param.requires_grad}
+    return state
 
 def block_shape(block: CrossAttentionBlock) -> dict[str, int]:
     return dict(
@@ -203,8 +210,14 @@ def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
 
     check_fits(calm, wiring, tensors, path)
 
+    anchor_params = dict(calm.anchor.named_parameters())
+
     with torch.no_grad():
-        calm.cross_attns.load_state_dict({key[len(PREFIX):]: tensor for key, tensor in tensors.items()}, strict = True)
+        calm.cross_attns.load_state_dict({key[len(PREFIX):]: tensor for key, tensor in tensors.items() if key.startswith(PREFIX)}, strict = True)
+
+        for key, tensor in tensors.items():
+            if key.startswith(ANCHOR_PREFIX):
+                anchor_params[key[len(ANCHOR_PREFIX):]].copy_(tensor)
 
     return wiring
 

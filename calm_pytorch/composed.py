@@ -97,7 +97,8 @@ def composed_anchor(
         contexts = calm.augment_contexts(reference, None, prompts, prompt_mask)
 
     set_contexts = ContextsForBatch(calm, contexts)
-    handle = calm.anchor.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True)
+    # on the model the adapter calls: a PEFT wrapper's generate() calls its base model, not itself
+    handle = calm.anchor_adapter.model.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True)
     calm.injector.contexts = contexts
 
     try:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -7,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn import Module
 
 from calm_pytorch.helpers import exists
+from calm_pytorch.wiring import is_layer_index
 
 # axes
 # b - batch
@@ -14,6 +17,27 @@ from calm_pytorch.helpers import exists
 # i - anchor (query) positions
 # j - augment (key / value) positions
 # d - feature dimension
+
+ATTN_KWARGS = ('heads', 'dim_head')
+
+def check_attn_kwargs(attn_kwargs: dict) -> dict:
+    """Refuses unknown keys, and `heads` / `dim_head` that are not positive ints: `dim_head = 0`
+    would build blocks that add nothing and can never learn."""
+
+    unknown = [key for key in attn_kwargs if key not in ATTN_KWARGS]
+
+    if len(unknown) > 0:
+        raise TypeError(f'`attn_kwargs` takes {ATTN_KWARGS}, got unknown key(s) {unknown}; e.g. attn_kwargs = dict(heads = 8, dim_head = 64)')
+
+    for key, value in attn_kwargs.items():
+        # bool is an int in Python, but `heads = True` is a mistake, not one head
+        if not is_layer_index(value):
+            raise TypeError(f'`attn_kwargs[{key!r}]` must be a positive int, got {value!r} of type {type(value).__name__}')
+
+        if operator.index(value) < 1:
+            raise ValueError(f'`attn_kwargs[{key!r}]` must be a positive int, got {value!r}')
+
+    return {key: operator.index(value) for key, value in attn_kwargs.items()}
 
 class CrossAttentionBlock(Module):
     """Anchor hidden states attend to one augment layer's hidden states.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,8 +48,9 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < limit, float('-inf'))
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None):
-    if temperature < 0:
-        raise ValueError(f'`temperature` must be >= 0 (0 is greedy), got {temperature}')
+    # nan passes every comparison, and inf flattens the distribution to nan probabilities
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f'`temperature` must be a finite number >= 0 (0 is greedy), got {temperature}')
 
     if exists(top_k) and top_k < 1:
         raise ValueError(f'`top_k` must be at least 1, got {top_k}')

@@ -164,6 +164,20 @@ def learned_max_positions(model: Module) -> int | None:
     max_positions = getattr(text_config(model), 'max_position_embeddings', None)
     return max_positions if isinstance(max_positions, int) and len(position_tables(model)) > 0 else None
 
+def vocab_size(target: Module, model: Module) -> int | None:
+    # the embedding table itself (it may have been resized since the config was written), else the config
+    try:
+        embeddings = target.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+
+    size = getattr(embeddings, 'num_embeddings', None)
+
+    if not isinstance(size, int):
+        size = getattr(text_config(model), 'vocab_size', None)
+
+    return size if isinstance(size, int) and size > 0 else None
+
 def counts_positions_from_padding(model: Module) -> bool:
     # RoBERTa and its kin derive positions from the pad token, starting after `padding_idx`;
     # 0-based position ids would shift every position, so they keep their own
@@ -221,6 +235,7 @@ class HFAdapter(ModelAdapter):
         super().__init__(model, name = name, input_shape = input_shape, mask_kwarg = mask_kwarg, **kwargs)
 
         self.max_seq_len = None if exists(self.input_shape) else learned_max_positions(model)
+        self.vocab_size = vocab_size(self.target, model) if self.main_input == 'input_ids' else None
 
         # a decoder whose forward takes a cache decodes incrementally in generation
         self.caches = not is_encoder_decoder(model) and 'past_key_values' in self.params

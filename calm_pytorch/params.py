@@ -28,6 +28,9 @@ class AugmentParams:
                              segment, concatenated in order; 'final_state' to the state-token sequence
                              the connected block returned after the last segment, a bounded-size
                              summary of an input of any length (context mode only)
+    same_tokenizer:          aligned mode reads the anchor's token ids, so it refuses an augment whose
+                             vocabulary size differs from the anchor's; True declares that both share
+                             one tokenizer and only their embedding tables differ in size (padding)
     """
 
     model: Module
@@ -40,3 +43,4 @@ class AugmentParams:
     connect_every_num_layers: int = 4
     mask_kwarg: str | None = None
     recurrent_context: Literal['all_segments', 'final_state'] = 'all_segments'
+    same_tokenizer: bool = False

@@ -25,7 +25,9 @@ def site_name(adapter: ModelAdapter, layer: int, position: str) -> str:
 
 def summarize(calm: CALM) -> str:
     anchor = calm.anchor_adapter
-    lines = [f'anchor: {type(calm.anchor).__name__}, {len(anchor.layers)} layers, {count(calm.anchor):,} parameters (frozen)']
+    anchor_trainable = sum(param.numel() for param in calm.anchor.parameters() if param.requires_grad)
+    state = f'{anchor_trainable:,} of them trainable, left so by you' if anchor_trainable > 0 else 'frozen'
+    lines = [f'anchor: {type(calm.anchor).__name__}, {len(anchor.layers)} layers, {count(calm.anchor):,} parameters ({state})']
 
     for index, (adapter, connections, keys, cross_attns) in enumerate(zip(calm.augment_adapters, calm.connections, calm.augment_keys, calm.cross_attns)):
         lines.append(f'augment {index}: {type(adapter.model).__name__}, {calm.num_augment_layers[index]} layers, {count(adapter.model):,} parameters (frozen)')
@@ -42,5 +44,6 @@ def summarize(calm: CALM) -> str:
     frozen = sum(param.numel() for param in calm.parameters() if not param.requires_grad)
     share = trainable / max(trainable + frozen, 1)
 
-    lines.append(f'trainable: {trainable:,} parameters ({share:.2%}) in {sum(len(blocks) for blocks in calm.cross_attns)} cross-attention blocks; frozen: {frozen:,}')
+    where = f'{sum(len(blocks) for blocks in calm.cross_attns)} cross-attention blocks' + (' and the anchor' if anchor_trainable > 0 else '')
+    lines.append(f'trainable: {trainable:,} parameters ({share:.2%}) in {where}; frozen: {frozen:,}')
     return '\n'.join(lines)

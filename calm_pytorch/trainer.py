@@ -41,7 +41,11 @@ class FineTuner:
 
     batch_size is per process and per micro-batch: a step sees
     batch_size * grad_accum_every * world_size samples. Every token of a step weighs the same,
-    however the tokens fall into micro-batches, processes and padding (see `next_token_loss`)."""
+    however the tokens fall into micro-batches, processes and padding (see `next_token_loss`).
+
+    train_anchor_params: also train the anchor parameters the CALM kept trainable (those the user
+    left trainable in a partly frozen anchor, e.g. the LoRA weights of a PEFT model); they are
+    saved in the checkpoints with the composition."""
 
     @typecheck
     def __init__(
@@ -75,7 +79,8 @@ class FineTuner:
         device: str | torch.device | None = None,
         backend: str | None = None,
         find_unused_parameters: bool = False,
-        progress: bool = True
+        progress: bool = True,
+        train_anchor_params: bool = False
     ):
         positive = dict(num_train_steps = num_train_steps, batch_size = batch_size, grad_accum_every = grad_accum_every)
         positive |= {name: value for name, value in dict(eval_every = eval_every, checkpoint_every = checkpoint_every, keep_last = keep_last).items() if exists(value)}
@@ -109,15 +114,18 @@ class FineTuner:
         self.seed = seed
         self.progress = progress
 
-        # what is trained: the composition weights, and nothing else
+        # what is trained: the composition weights, and the anchor parameters left trainable (LoRA) when asked
 
         trainable = {name: param for name, param in calm.named_parameters() if param.requires_grad}
-        outside = [name for name in trainable if not name.startswith('cross_attns.')]
+        allowed = ('cross_attns.', 'anchor.') if train_anchor_params else ('cross_attns.',)
+        outside = [name for name in trainable if not name.startswith(allowed)]
 
         if len(outside) > 0:
+            in_anchor = any(name.startswith('anchor.') for name in outside)
             raise ValueError(
                 f'FineTuner trains and checkpoints the composition weights (calm.cross_attns) only, but these parameters '
-                f'outside it require grad: {", ".join(outside[:5])}{" ..." if len(outside) > 5 else ""}. Freeze them, or write your own loop'
+                f'outside it require grad: {", ".join(outside[:5])}{" ..." if len(outside) > 5 else ""}. '
+                + ('To train the anchor parameters left trainable (e.g. LoRA weights) too, pass train_anchor_params=True; or freeze them' if in_anchor else 'Freeze them, or write your own loop')
             )
 
         if len(trainable) == 0:
