@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py --quick     # 64 total tokens only, about a minute on one core
     python benchmarks/generation.py            # 64, 256 and 1024 total tokens (several minutes)
+    python benchmarks/generation.py --tokenizers --totals 256   # with and without a cross-tokenizer augment
 
 Columns, for each mode (aligned: the augments read the generated sequence; context: they read a
 prompt once) and each number of augments:
@@ -10,6 +11,10 @@ prompt once) and each number of augments:
     (c) the composition recomputed every step: `calm.generate(..., use_cache = False)`
     (d) `CALM-Pytorch`'s `generate` (context mode: its augments read the anchor's prompt), when
         that package is importable; it is never a dependency of calm_pytorch
+`--tokenizers` instead compares aligned generation with one augment reading the anchor's tokens against
+one reading the same text through its own tokenizer (docs/tokenizers.md): a byte-level BPE anchor and
+a WordPiece augment, both trained here on a random English-like text whose tokens every step is made to
+write, and reports the time spent decoding, committing and re-tokenizing text per generated token.
 The prompt is a quarter of the total length, the context (context mode) is the prompt itself.
 (c) and (d) recompute everything, so a step costs more the longer the sequence: their rates are
 the mean over `--uncached-samples` steps timed at evenly spaced lengths (a full run at 1024 tokens
@@ -74,7 +79,12 @@ def main():
     parser.add_argument('--reps', type = int, default = 1, help = 'best of this many runs for (a) and (b)')
     parser.add_argument('--uncached-samples', type = int, default = 3)
     parser.add_argument('--no-reference', action = 'store_true', help = 'skip CALM-Pytorch even when importable')
+    parser.add_argument('--tokenizers', action = 'store_true', help = 'aligned mode with and without a cross-tokenizer augment')
     args = parser.parse_args()
+
+    if args.tokenizers:
+        torch.set_num_threads(args.threads)
+        return tokenizers_main(args)
 
     totals = args.totals or ((64,) if args.quick else (64, 256, 1024))
     torch.set_num_threads(args.threads)
@@ -150,6 +160,101 @@ def main():
 
         if ref and hasattr(ref, 'remove_hooks'):
             ref.remove_hooks()
+
+# aligned mode across tokenizers
+
+WORDS = (
+    'the of and to in is was for that with as on by at from his her they this which there their '
+    'then other than when what where time year people way day man thing woman life child world '
+    'school state family student group country problem hand part place case week company system '
+    'program question work government number night point home water room mother area money story '
+    'fact month lot right study book eye job word business issue side kind head house service friend '
+    'father power hour game line end member law car city community name president team minute idea '
+    'kid body information back parent face others level office door health person art war history '
+    'party result change morning reason research girl guy moment air teacher force education '
+    'naïve café über 12 345 2024 , . ; : ! ? ( ) "'
+).split()
+
+def english_like(num_words: int, seed: int) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(WORDS), (num_words,), generator = generator).tolist()
+    return ' '.join(WORDS[i] for i in picks)
+
+def trained_tokenizers():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [english_like(200, seed) for seed in range(50)]
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space = False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size = 2000, initial_alphabet = pre_tokenizers.ByteLevel.alphabet()))
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token = '[UNK]'))
+    wordpiece.normalizer = normalizers.NFC()
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size = 1000, special_tokens = ['[PAD]', '[UNK]', '[CLS]', '[SEP]']))
+    cls, sep = wordpiece.token_to_id('[CLS]'), wordpiece.token_to_id('[SEP]')
+    wordpiece.post_processor = processors.TemplateProcessing(single = '[CLS] $A [SEP]', special_tokens = [('[CLS]', cls), ('[SEP]', sep)])
+
+    return PreTrainedTokenizerFast(tokenizer_object = bpe), PreTrainedTokenizerFast(tokenizer_object = wordpiece, unk_token = '[UNK]')
+
+def tokenizers_main(args):
+    totals = args.totals or ((64,) if args.quick else (64, 256, 1024))
+    anchor_tokenizer, augment_tokenizer = trained_tokenizers()
+
+    print(f'# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), batch {args.batch}, one augment, aligned mode')
+    print('| total | same tokens: tok/s | cross-tokenizer: tok/s | text work per token (ms) | text work / step time |')
+    print('|---|---|---|---|---|')
+
+    anchor, augment = anchor_model(), augment_model()
+
+    for total in totals:
+        prompt_len = total // 4
+        num_new = total - prompt_len
+
+        # the text written: every step is made to choose the next token of an English-like text
+        text = english_like(total * 2, seed = 1234 + total)
+        tokens = torch.tensor([anchor_tokenizer(text)['input_ids'][:total]] * args.batch)
+        prompt, forced = tokens[:, :prompt_len], tokens[:, prompt_len:]
+
+        def write(logits, step = [0]):
+            index = min(step[0], forced.shape[-1] - 1)
+            step[0] += 1
+            return torch.full_like(logits, float('-inf')).scatter(-1, forced[:, index:index + 1], 0.)
+
+        rates = {}
+
+        for name in ('same', 'cross'):
+            params = AugmentParams(model = augment, tokenizer = augment_tokenizer if name == 'cross' else None)
+            calm = trained_away(CALM(anchor, params, anchor_tokenizer = anchor_tokenizer if name == 'cross' else None))
+
+            spent = [0.]
+            if name == 'cross':
+                # time in the tokenizers and the commit rule: decode_batch (text of the prefix) and encode_batch
+                for reader, method in ((calm.anchor_text, 'decode_batch'), (calm.augment_texts[0], 'encode_batch')):
+                    original = getattr(reader, method)
+
+                    def clocked(*a, original = original, **kw):
+                        start = time.perf_counter()
+                        out = original(*a, **kw)
+                        spent[0] += time.perf_counter() - start
+                        return out
+
+                    setattr(reader, method, clocked)
+
+            def run():
+                spent[0] = 0.
+                calm.generate(prompt, max_new_tokens = num_new, temperature = 0., filter_fn = lambda logits, step = [0]: write(logits, step), show_progress = False)
+
+            calm.generate(prompt, max_new_tokens = 2, temperature = 0.)  # warm up
+            seconds = timed(run, args.reps)
+            rates[name] = (args.batch * num_new / seconds, spent[0], seconds)
+            calm.remove_hooks()
+
+        cross_rate, text_seconds, cross_seconds = rates['cross']
+        print(f"| {total} | {rates['same'][0]:.1f} | {cross_rate:.1f} | {1000 * text_seconds / num_new:.2f} | {text_seconds / cross_seconds:.1%} |", flush = True)
 
 if __name__ == '__main__':
     main()

@@ -234,6 +234,12 @@ class ModelAdapter:
 
         return self(tokens, mask if exists(mask) and not bool(mask.all()) else None)
 
+    def crop(self, state: DecodeState, length: int):
+        """Rolls a decode state back to its first `length` positions (a model without a cache
+        recomputes everything anyway)."""
+
+        state.length = min(state.length, length)
+
     def is_causal(self, sites: Sequence[Site]) -> bool:
         """A perturbation probe: does changing the last token change hidden states before it?"""
 
@@ -262,6 +268,7 @@ class DecodeState:
     """One model's cache during one `generate` call. Anchor and augments each have their own."""
     cache: Any = None  # x-transformers LayerIntermediates or an HF Cache; None before the first step
     length: int = 0    # positions already in the cache
+    rollback: bool = False  # the cache may be cropped (`ModelAdapter.crop`)
 
 def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
     # (b, n) left-padded mask -> (b,) index of each row's first real token; None without padding
@@ -342,6 +349,17 @@ class XTransformersAdapter(ModelAdapter):
             state.cache = LayerIntermediates(attn_intermediates = captured, cache_length = tokens.shape[-1])
             state.length = tokens.shape[-1]
 
+    def crop(self, state: DecodeState, length: int):
+        if not exists(state.cache) or length == 0:
+            state.cache, state.length = None, 0
+            return
+
+        # each attention layer caches keys and values (b, h, n, d)
+        for intermediate in state.cache.attn_intermediates:
+            intermediate.cached_kv = tuple(t[..., :length, :] for t in intermediate.cached_kv)
+
+        state.cache.cache_length = state.length = min(state.length, length)
+
     def find_layers(self) -> list[Layer]:
         attn_layers = self.model.attn_layers
         order = attn_layers.layers_execute_order
@@ -378,8 +396,9 @@ def vocab_mismatch(anchor: ModelAdapter, augment: ModelAdapter, index: int, same
     return (
         f'augment {index} ({type(augment.model).__name__}) has a vocabulary of {augment.vocab_size} tokens, the anchor ({type(anchor.model).__name__}) {anchor.vocab_size}. '
         "In aligned mode (no prompt) the augment reads the anchor's token ids, which means one tokenizer for both. "
-        "Give the augment the text in its own tokens as `prompt=` (context mode); or, if both do share one tokenizer and only their "
-        'embedding tables are padded to different sizes, say so with AugmentParams(same_tokenizer = True)'
+        'Give the augment the text in its own tokens as `prompt=` (context mode); or, to have it read the same text tokenized its own way, '
+        'give both tokenizers: AugmentParams(tokenizer = augment_tokenizer) and CALM(..., anchor_tokenizer = anchor_tokenizer) (docs/tokenizers.md); '
+        'or, if both do share one tokenizer and only their embedding tables are padded to different sizes, say so with AugmentParams(same_tokenizer = True)'
     )
 
 def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdapter:

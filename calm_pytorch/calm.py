@@ -25,6 +25,7 @@ from calm_pytorch.params import AugmentParams, HiddenPosition
 from calm_pytorch.precision import CompositionDtype, clean_context, model_device, resolve_composition_dtype, to_model
 from calm_pytorch.recurrent import RECURRENT_CONTEXTS, state_widths
 from calm_pytorch.summary import summarize
+from calm_pytorch.tokenizer_alignment import text_aligned_context, text_readers
 from calm_pytorch.trainable import freeze_models
 from calm_pytorch.wiring import default_connections, validate_connections
 
@@ -53,7 +54,9 @@ class CALM(GradientCheckpointing, Module):
     augment_llm, dim_anchor, dim_augment: the seed API's names; given dims are checked
     anchor_logits_fn:          picks the logits from the anchor's output, when they are not a
                                tensor, `.logits`, or the first element of a tuple
-    composition_dtype:         dtype of the composition weights, or 'anchor' for the anchor's"""
+    composition_dtype:         dtype of the composition weights, or 'anchor' for the anchor's
+    anchor_tokenizer:          the anchor's tokenizer, for augments with a `tokenizer` of their own
+                               (aligned mode across tokenizers, docs/tokenizers.md)"""
 
     @typecheck
     def __init__(
@@ -71,7 +74,8 @@ class CALM(GradientCheckpointing, Module):
         dim_anchor: int | None = None,
         dim_augment: int | Sequence[int] | None = None,
         anchor_logits_fn: Callable[[Any], Tensor] | None = None,
-        composition_dtype: CompositionDtype = torch.float32
+        composition_dtype: CompositionDtype = torch.float32,
+        anchor_tokenizer: Any = None
     ):
         super().__init__()
 
@@ -96,6 +100,7 @@ class CALM(GradientCheckpointing, Module):
         self.frozen_in_eval_mode = frozen_in_eval_mode
         self.anchor = anchor_llm
         self.augments = ModuleList([augment.model for augment in augments])
+        self.anchor_text, self.augment_texts = text_readers(anchor_tokenizer, [augment.tokenizer for augment in augments])
 
         # adapters: where each model's layers are, in execution order, and how to call it
 
@@ -216,7 +221,7 @@ class CALM(GradientCheckpointing, Module):
             None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
-        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
+        self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer or exists(augment.tokenizer)) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
         self.hooks_removed = False
 
         self.train(self.training)
@@ -427,8 +432,8 @@ class CALM(GradientCheckpointing, Module):
         full_length = torch.empty((1, total))
         self.anchor_adapter.check_length(full_length, 'prompt + new tokens')
 
-        for adapter, aligned_prompt in zip(self.augment_adapters, augment_prompts):
-            if not exists(aligned_prompt):
+        for index, (adapter, aligned_prompt) in enumerate(zip(self.augment_adapters, augment_prompts)):
+            if not exists(aligned_prompt) and not exists(self.augment_texts[index]):
                 adapter.check_length(full_length, 'prompt + new tokens')
 
         return generate_tokens(
@@ -511,6 +516,10 @@ class CALM(GradientCheckpointing, Module):
                 raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
 
             self.check_aligned(index)
+
+            if exists(self.augment_texts[index]):
+                return text_aligned_context(self, index, seq, mask)
+
             inputs, inputs_mask = seq, mask
         else:
             self.check_prompt(index, augment_prompt, augment_prompt_mask, seq, arg)

@@ -37,6 +37,7 @@ class HiddenRecorder:
         self.handles = []
         self.stop_site = None
         self.fires_once = False
+        self.stop_early = True  # False runs the augment to its end (FSDP: see calm_pytorch/fsdp.py)
 
         if adapter.returns_hiddens:
             return
@@ -72,7 +73,10 @@ class HiddenRecorder:
 
         self.positions[site_key] = self.positions.get(site_key, 0) + hidden.shape[-2]
 
-        if site_key == self.stop_site and self.should_stop():
+        # torch.export's default (non-strict) tracer keeps a stack of the modules it is inside and
+        # fails when an exception unwinds through them: while exporting, the augment runs to its
+        # end (as it does in a strict export's graph)
+        if site_key == self.stop_site and self.stop_early and self.should_stop() and not torch.compiler.is_exporting():
             raise StopForward
 
     def should_stop(self) -> bool:

@@ -116,7 +116,7 @@ def enable_checkpointing(calm: CALM, checkpoint_kwargs: dict | None = None, ever
     calm.checkpointed_modules = wrapped
 
 def disable_checkpointing(calm: CALM):
-    for module in getattr(calm, 'checkpointed_modules', ()):
+    for module in calm.checkpointed_modules:
         wrapper = module.__dict__.get('forward')
 
         if not isinstance(wrapper, CheckpointedForward):
@@ -136,6 +136,7 @@ class GradientCheckpointing:
     deprecated alias) and its older `gradient_checkpointing_*` names."""
 
     supports_gradient_checkpointing = True
+    checkpointed_modules: list[Module] | tuple = ()  # the modules whose forward is wrapped now
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False):
         """Checkpoints the frozen anchor's blocks that the composition's gradient flows through
@@ -154,7 +155,7 @@ class GradientCheckpointing:
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return len(getattr(self, 'checkpointed_modules', ())) > 0
+        return len(self.checkpointed_modules) > 0
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)

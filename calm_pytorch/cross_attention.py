@@ -83,7 +83,8 @@ class CrossAttentionBlock(Module):
         kv: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         causal: bool = False,
-        query_offset: int | None = None
+        query_offset: int | None = None,
+        visible: Tensor | None = None
     ) -> Tensor:
         """Returns the delta to add to `x`, in the dtype of `x`.
 
@@ -93,6 +94,8 @@ class CrossAttentionBlock(Module):
         causal:  aligned mode; query i sits at augment position i + query_offset and sees keys up to it
         query_offset: j - i when None (the queries are the last positions); a segment of a
                  segment-recurrent anchor covering positions [s, e) passes s
+        visible: (b, i, j) True where query i may attend to key j, any pattern (aligned mode
+                 across tokenizers); combined with `mask`, instead of `causal`
         """
         k, v = kv if exists(kv) else self.project_context(context)
         i, j = x.shape[-2], k.shape[-2]
@@ -100,10 +103,14 @@ class CrossAttentionBlock(Module):
         q = self.to_q(self.norm(x.to(device = self.to_q.weight.device, dtype = self.to_q.weight.dtype)))
         q = rearrange(q, 'b i (h d) -> b h i d', h = self.heads)
 
-        visible = None
+        pattern, visible = visible, None
 
         if exists(mask):
             visible = rearrange(mask.to(device = k.device, dtype = torch.bool), 'b j -> b 1 1 j')
+
+        if exists(pattern):
+            pattern = rearrange(pattern.to(device = k.device, dtype = torch.bool), 'b i j -> b 1 i j')
+            visible = pattern if not exists(visible) else (visible & pattern)
 
         offset = query_offset if exists(query_offset) else j - i
 

@@ -13,6 +13,7 @@ from calm_pytorch.adapters import DecodeState
 from calm_pytorch.cross_attention import CrossAttentionBlock
 from calm_pytorch.helpers import exists
 from calm_pytorch.injection import AugmentContext
+from calm_pytorch.tokenizer_alignment import TextStream
 
 if TYPE_CHECKING:
     from calm_pytorch.calm import CALM
@@ -184,6 +185,12 @@ class ComposedDecoder:
 
         self.fixed: list[AugmentContext | None] = [None] * len(prompts)
 
+        # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
+        self.streams = [
+            TextStream(calm, index, tokens.shape[0]) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
+            for index, aligned in enumerate(self.aligned)
+        ]
+
         for index, aligned in enumerate(self.aligned):
             arg = f'augment_prompt[{index}]' if len(prompts) > 1 else 'augment_prompt'
 
@@ -215,6 +222,13 @@ class ComposedDecoder:
 
             # the plain path reruns the augment on its prompt
             return calm.augment_context(index, tokens, mask, self.prompts[index], self.prompt_masks[index])
+
+        if exists(calm.augment_texts[index]):
+            # the prompt (or every step, without cache) is read as by the forward
+            if exists(self.streams[index]) and self.anchor_state.length > 0:
+                return self.streams[index].context(tokens, mask)
+
+            return calm.augment_context(index, tokens, mask, None, None)
 
         adapter, recorder, state = calm.augment_adapters[index], calm.recorders[index], self.augment_states[index]
 

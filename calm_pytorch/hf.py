@@ -269,6 +269,15 @@ class HFAdapter(ModelAdapter):
     def can_cache(self) -> bool:
         return self.caches
 
+    def crop(self, state: DecodeState, length: int):
+        if not exists(state.cache) or length == 0:
+            state.cache, state.length = None, 0
+            return
+
+        # `crop` takes minus the number of positions to drop
+        state.cache.crop(min(length - state.length, 0))
+        state.length = min(state.length, length)
+
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         """One decoding step with `past_key_values` (see `ModelAdapter.decode`). Positions count
         real tokens only, so a left-padded row sees the positions it would see alone."""
@@ -287,6 +296,10 @@ class HFAdapter(ModelAdapter):
             # its deepest connected layer, and the cache object, filled in place, survives that
             from transformers import DynamicCache
             state.cache = DynamicCache(config = self.model.config)
+
+            if state.rollback:
+                # sliding-window layers keep what `crop` may roll back to
+                state.cache.activate_past_recording()
 
         start, state.length = state.length, tokens.shape[-1]
 

@@ -19,6 +19,7 @@ class AugmentContext:
     mask: Tensor | None               # (b, j), True for real positions
     causal: bool                      # aligned mode: anchor position i sees augment positions <= i
     kv: dict[CrossAttentionBlock, tuple[Tensor, Tensor]] | None = None  # keys and values already projected, per block (generation)
+    visible: Tensor | None = None     # (b, n, j): which keys each of the forward's n positions sees (aligned across tokenizers)
 
 @dataclass
 class Connection:
@@ -73,7 +74,8 @@ class AnchorInjector:
                 kv = kv,
                 mask = context.mask,
                 causal = context.causal,
-                query_offset = seen + context_len - total
+                query_offset = seen + context_len - total,
+                visible = query_rows(context.visible, seen, num_queries, total)
             )
 
         return hidden + delta
@@ -95,3 +97,12 @@ class AnchorInjector:
             handle.remove()
 
         self.handles.clear()
+
+def query_rows(visible: Tensor | None, seen: int, num_queries: int, total: int) -> Tensor | None:
+    # this call's queries are positions [seen, seen + num_queries) of the forward's `total`,
+    # which are the last of the rows of `visible`
+    if not exists(visible):
+        return None
+
+    start = seen + visible.shape[-2] - total
+    return visible[:, start:start + num_queries]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch.nn import Module, ModuleList
 
@@ -31,6 +31,9 @@ class AugmentParams:
     same_tokenizer:          aligned mode reads the anchor's token ids, so it refuses an augment whose
                              vocabulary size differs from the anchor's; True declares that both share
                              one tokenizer and only their embedding tables differ in size (padding)
+    tokenizer:               the augment's own tokenizer, when it differs from the anchor's: in aligned
+                             mode it reads the anchor's text tokenized its own way (give the anchor's
+                             as `CALM(..., anchor_tokenizer=...)`; see docs/tokenizers.md)
     """
 
     model: Module
@@ -44,3 +47,4 @@ class AugmentParams:
     mask_kwarg: str | None = None
     recurrent_context: Literal['all_segments', 'final_state'] = 'all_segments'
     same_tokenizer: bool = False
+    tokenizer: Any = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from torch.nn import Module
+from torch.nn import Module, Parameter
 
 from calm_pytorch.helpers import exists
 
@@ -19,7 +19,10 @@ def user_trainable(model: Module) -> list[str]:
     """Names of the parameters the user left trainable in a partly frozen model; [] when every
     parameter requires grad (the default of any model, not a choice) or none does."""
 
-    named = list(model.named_parameters())
+    # quantized weights (tensor subclasses: torchao, bitsandbytes, quanto) are frozen by the
+    # quantizer, not by a choice: a quantized model with its embeddings and norms still trainable
+    # is a fresh model, frozen whole
+    named = [(name, param) for name, param in model.named_parameters() if type(param) is Parameter]
     trainable = [name for name, param in named if param.requires_grad]
     return trainable if len(trainable) < len(named) else []
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from calm_pytorch.calm import CALM
 from calm_pytorch.data import MapDataset, ResumableDistributedSampler, as_kwargs, to_device
 from calm_pytorch.distributed import setup_distributed, wrap_for_ddp
+from calm_pytorch.fsdp import STRATEGIES, Strategy, average_gradients, shard_frozen_models
 from calm_pytorch.helpers import exists, typecheck
 from calm_pytorch.loss import next_token_loss
 from calm_pytorch.schedule import Schedule, warmup_then
@@ -38,6 +39,8 @@ class FineTuner:
     Every process builds the same CALM and the same FineTuner; under torchrun (WORLD_SIZE > 1)
     the CALM is wrapped in DistributedDataParallel over its composition weights only, the data
     is sharded with a DistributedSampler, and only rank 0 writes checkpoints.
+    strategy='fsdp' instead shards the frozen models block by block over the processes (FSDP2,
+    see calm_pytorch/fsdp.py); the composition weights stay whole in every process.
 
     batch_size is per process and per micro-batch: a step sees
     batch_size * grad_accum_every * world_size samples. Every token of a step weighs the same,
@@ -80,7 +83,8 @@ class FineTuner:
         backend: str | None = None,
         find_unused_parameters: bool = False,
         progress: bool = True,
-        train_anchor_params: bool = False
+        train_anchor_params: bool = False,
+        strategy: Strategy = 'ddp'
     ):
         positive = dict(num_train_steps = num_train_steps, batch_size = batch_size, grad_accum_every = grad_accum_every)
         positive |= {name: value for name, value in dict(eval_every = eval_every, checkpoint_every = checkpoint_every, keep_last = keep_last).items() if exists(value)}
@@ -94,6 +98,9 @@ class FineTuner:
 
         if exists(checkpoint_every) and not exists(checkpoint_dir):
             raise ValueError('checkpoint_every was given without a checkpoint_dir to write to')
+
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}: 'ddp' keeps a whole copy of the frozen models in every process, 'fsdp' shards them; got {strategy!r}")
 
         if resume and not exists(checkpoint_dir) and not isinstance(resume, (str, os.PathLike)):
             raise ValueError('resume=True needs a checkpoint_dir to find the latest checkpoint in (or pass the checkpoint path as resume=)')
@@ -112,6 +119,7 @@ class FineTuner:
         self.checkpoint_every = checkpoint_every
         self.keep_last = keep_last
         self.seed = seed
+        self.strategy = strategy
         self.progress = progress
 
         # what is trained: the composition weights, and the anchor parameters left trainable (LoRA) when asked
@@ -138,7 +146,7 @@ class FineTuner:
         calm.to(self.device)
 
         self.params = list(trainable.values())
-        self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters)
+        self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters) if strategy == 'ddp' else shard_frozen_models(calm, self.distributed)
 
         # AdamW; no weight decay on norms and biases (the usual practice)
 
@@ -228,7 +236,7 @@ class FineTuner:
 
     def micro_step(self, batch: dict, sync: bool) -> tuple[Tensor, Tensor]:
         # gradients are all-reduced on the last micro-batch of a step only
-        no_sync = self.model.no_sync() if self.distributed.enabled and not sync else nullcontext()
+        no_sync = self.model.no_sync() if self.distributed.enabled and self.strategy == 'ddp' and not sync else nullcontext()
 
         with no_sync:
             with self.autocast():
@@ -248,6 +256,9 @@ class FineTuner:
 
         self.distributed.all_reduce_sum(totals)
         loss_sum, count = totals.tolist()
+
+        if self.strategy == 'fsdp':
+            average_gradients(self.params, self.distributed)  # the composition is replicated: DDP's all-reduce, once per step
 
         # the gradients now hold this step's summed loss, averaged over processes by DDP:
         # scaled, they are the gradient of the mean over every token of the step

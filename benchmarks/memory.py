@@ -1,0 +1,280 @@
+"""Peak memory of one CALM training step, with and without activation checkpointing.
+
+A Llama-like anchor of ~1B parameters and a Llama-like augment of ~300M, both built from configs
+(random weights), composed with the default connections (every 4th augment layer, spread evenly
+over the anchor); one step is forward, backward and an Adam step on the composition weights, at
+batch 1 and sequence 1024.
+
+    python benchmarks/memory.py                   # the ~1B anchor (float32: ~10 GiB at the peak, minutes per row)
+    python benchmarks/memory.py --small           # tiny models: a check in seconds
+    python benchmarks/memory.py --variants 'no checkpointing,checkpointing'
+
+Each variant runs in a fresh subprocess, which reports its peak resident set (VmHWM, reset
+before the measured step) with large allocations served by mmap, so that freed tensors leave the
+resident set at once. It also reports what autograd saved for the backward (bytes of the distinct
+storages that saved-tensor hooks saw), the part of the peak that checkpointing removes.
+
+`limit` is an estimate, not a run: the least a step can hold at once, added up from the measured
+parts (see `limit_row`): the interpreter with its libraries, the frozen weights, the composition's
+weights with their gradients and the two Adam moments, the tensors the checkpointed backward must
+keep (what autograd saved in the checkpointing run), and the activations of one anchor block,
+alive while that block is recomputed.
+
+Variants are a list (`VARIANTS`): a row is a name, a function preparing the composition, and a
+launcher (default: one subprocess); FSDP and quantized-anchor rows plug in there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# setups
+
+@dataclass(frozen = True)
+class Setup:
+    name: str
+    anchor: dict            # LlamaConfig keywords
+    augment: dict
+    seq_len: int = 1024
+    batch: int = 1
+    heads: int = 16         # cross-attention heads and their width
+    dim_head: int = 64
+    dtype: str = 'float32'  # of the frozen models; the composition stays float32
+
+def llama_config(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int = 32000) -> dict:
+    return dict(
+        vocab_size = vocab, hidden_size = hidden, num_hidden_layers = layers, intermediate_size = intermediate,
+        num_attention_heads = heads, num_key_value_heads = kv_heads, max_position_embeddings = 2048,
+        tie_word_embeddings = True, bos_token_id = 1, eos_token_id = 2, pad_token_id = 0
+    )
+
+SETUPS = dict(
+    # Llama-3.2-1B's shape with a 32k vocabulary: 1.04B parameters; the augment 0.30B
+    big = Setup('big', anchor = llama_config(2048, 16, 8192, 32, 8), augment = llama_config(1024, 16, 4096, 16, 4)),
+    small = Setup('small', anchor = llama_config(256, 8, 1024, 4, 2, vocab = 2048), augment = llama_config(128, 8, 512, 4, 2, vocab = 2048), seq_len = 256, heads = 4, dim_head = 32),
+)
+
+# variants: how the composition is prepared before its step, and how the row is measured
+
+@dataclass
+class Variant:
+    name: str
+    prepare: Callable = lambda calm: None        # calm -> None, before the optimizer is built
+    launch: Callable | None = None               # (setup, variant) -> result dict; None: `run_child` in one subprocess
+    options: dict = field(default_factory = dict)  # free-form, for a launcher's own use
+
+VARIANTS = [
+    Variant('no checkpointing'),
+    Variant('checkpointing', prepare = lambda calm: calm.gradient_checkpointing_enable()),
+]
+
+# the measured step, in a child process
+
+def rss_bytes(field_name: str) -> int:
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{field_name} not found in /proc/self/status')
+
+def reset_peak_rss():
+    # writing 5 to clear_refs resets VmHWM, the peak resident set (Linux >= 4.0)
+    with open('/proc/self/clear_refs', 'w') as clear_refs:
+        clear_refs.write('5')
+
+def build_models(setup: Setup):
+    import transformers
+    transformers.logging.set_verbosity_error()
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, setup.dtype)
+    anchor = transformers.LlamaForCausalLM(transformers.LlamaConfig(**setup.anchor)).to(dtype)
+    augment = transformers.LlamaForCausalLM(transformers.LlamaConfig(**setup.augment)).to(dtype)
+    return anchor, augment
+
+def build_calm(setup: Setup, anchor, augment):
+    from calm_pytorch import CALM, AugmentParams
+    return CALM(anchor, AugmentParams(model = augment), attn_kwargs = dict(heads = setup.heads, dim_head = setup.dim_head))
+
+def nbytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+class SavedTensors:
+    """Bytes of the distinct storages autograd saves for the backward while active."""
+
+    def __init__(self):
+        self.storages = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+def run_child(setup: Setup, variant: Variant) -> dict:
+    # the libraries are loaded before the interpreter's share is read
+    import calm_pytorch  # noqa: F401
+    import transformers  # noqa: F401
+
+    interpreter = rss_bytes('VmRSS')
+    anchor, augment = build_models(setup)
+    calm = build_calm(setup, anchor, augment)
+    variant.prepare(calm)
+
+    composition = list(calm.cross_attns.parameters())
+    optimizer = torch.optim.Adam(composition, lr = 1e-4)
+    generator = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, setup.anchor['vocab_size'], (setup.batch, setup.seq_len + 1), generator = generator)
+
+    def step(tokens) -> SavedTensors:
+        with SavedTensors() as saved:
+            loss = calm(tokens, use_cache = False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none = False)  # gradients stay allocated, as in a training loop
+        return saved
+
+    # a short warm-up step creates the Adam state and the gradients
+    step(seq[:, :9])
+
+    gc.collect()
+    before = rss_bytes('VmRSS')
+    reset_peak_rss()
+    saved = step(seq)
+    peak = rss_bytes('VmHWM')
+
+    units = calm.anchor_adapter.checkpoint_units()
+
+    return dict(
+        peak = peak,
+        before = before,
+        interpreter = interpreter,
+        saved = saved.bytes,
+        frozen = nbytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()]),
+        composition = nbytes(composition),
+        anchor_params = sum(param.numel() for param in anchor.parameters()),
+        augment_params = sum(param.numel() for param in augment.parameters()),
+        checkpointed_blocks = len(calm.checkpointed_modules),
+        anchor_blocks = len(units),
+        block_input = setup.batch * setup.seq_len * setup.anchor['hidden_size'] * torch.empty((), dtype = getattr(torch, setup.dtype)).element_size()
+    )
+
+def run_in_subprocess(setup: Setup, variant: Variant, threads: int) -> dict:
+    # glibc keeps freed heap blocks resident; served by mmap, a freed tensor leaves the resident set at once
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
+    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name)), '--threads', str(threads)]
+    result = subprocess.run(command, env = env, capture_output = True, text = True)
+
+    if result.returncode != 0:
+        raise RuntimeError(f'the run of {variant.name!r} failed:\n{result.stderr[-3000:]}')
+
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+# the limit, from the measured parts
+
+def limit_row(plain: dict, checkpointed: dict) -> dict:
+    """The least one step can hold: interpreter + frozen weights + composition weights, their
+    gradients and two Adam moments + what the checkpointed backward keeps (autograd's saved
+    tensors in the checkpointing run: each checkpointed block's input, the cross-attentions,
+    the logits for the loss, ...) + one block's activations during its recompute (the
+    activations checkpointing removed, divided among the checkpointed blocks)."""
+
+    blocks = max(checkpointed['checkpointed_blocks'], 1)
+    one_block = (plain['saved'] - checkpointed['saved']) / blocks + checkpointed['block_input']
+    activations = checkpointed['saved'] + one_block
+    static = plain['interpreter'] + plain['frozen'] + 4 * plain['composition']
+    return dict(peak = static + activations, before = static, saved = activations)
+
+# report
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            cpu = next(line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+
+    with open('/proc/meminfo') as meminfo:
+        total = int(next(line for line in meminfo if line.startswith('MemTotal')).split()[1]) * 1024
+
+    return f'{cpu}, {os.cpu_count()} cores, {total / 2 ** 30:.0f} GiB, {torch.get_num_threads()} threads, torch {torch.__version__}'
+
+def gib(value: float) -> str:
+    return f'{value / 2 ** 30:.2f} GiB'
+
+def main():
+    parser = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--small', action = 'store_true', help = 'tiny models: a check in seconds')
+    parser.add_argument('--variants', default = ','.join(variant.name for variant in VARIANTS), help = 'comma-separated, from: ' + ', '.join(variant.name for variant in VARIANTS))
+    parser.add_argument('--seq-len', type = int, default = None)
+    parser.add_argument('--dtype', default = None, help = 'of the frozen models: float32 (default) or bfloat16')
+    parser.add_argument('--threads', type = int, default = 1, help = 'torch threads (1 on a shared machine)')
+    parser.add_argument('--child', default = None, help = argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    by_name = {variant.name: variant for variant in VARIANTS}
+
+    if args.child is not None:
+        child = json.loads(args.child)
+        print(json.dumps(run_child(Setup(**child['setup']), by_name[child['variant']])))
+        return
+
+    setup = SETUPS['small' if args.small else 'big']
+    overrides = {key: value for key, value in dict(seq_len = args.seq_len, dtype = args.dtype).items() if value is not None}
+    setup = Setup(**{**asdict(setup), **overrides})
+
+    names = [name for name in args.variants.split(',') if name]
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        parser.error(f'unknown variants {unknown}; choose from {list(by_name)}')
+
+    results = {}
+    for name in names:
+        variant = by_name[name]
+        results[name] = variant.launch(setup, variant) if variant.launch is not None else run_in_subprocess(setup, variant, args.threads)
+
+    first = next(iter(results.values()))
+    print(f'machine: {machine()}')
+    print(f'anchor {first["anchor_params"] / 1e9:.2f}B parameters, augment {first["augment_params"] / 1e9:.2f}B, {setup.dtype}; '
+          f'composition {first["composition"] / 4 / 1e6:.1f}M float32 parameters; batch {setup.batch}, sequence {setup.seq_len}; '
+          f'checkpointed anchor blocks: {results.get("checkpointing", first)["checkpointed_blocks"]} of {first["anchor_blocks"]}')
+    print('peak: peak RSS of the step; above resting: the peak less the RSS between steps (weights, optimizer state); kept for backward: the tensors autograd saved (for the limit, with one block recomputing)\n')
+
+    rows = dict(results)
+    if 'no checkpointing' in results and 'checkpointing' in results:
+        rows['limit (estimate)'] = limit_row(results['no checkpointing'], results['checkpointing'])
+
+    reference = results.get('no checkpointing')
+    header = '| variant | peak | above resting | kept for backward | vs no checkpointing |'
+    print(header)
+    print('|' + '---|' * (header.count('|') - 1))
+
+    for name, row in rows.items():
+        versus = f'{row["saved"] / reference["saved"]:.2f}x' if reference else '-'
+        print(f'| {name} | {gib(row["peak"])} | {gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
+
+if __name__ == '__main__':
+    main()
