@@ -65,7 +65,7 @@ class Config:
     # training (CALM and LoRA alike)
     steps: int = 150
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 5e-4
     # decoding
     max_new_tokens: int = 64
     eval_batch_size: int = 16
@@ -438,11 +438,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--plot', type = Path, default = None, help = 'where to write the PNG plot (default: <out>/translate_low_resource.png)')
     parser.add_argument('--eval-size', type = int, default = None, help = f'held-out verses to translate (default: {Config.eval_size})')
     parser.add_argument('--steps', type = int, default = None, help = f'training steps of CALM and LoRA (default: {Config.steps})')
+    parser.add_argument('--batch-size', type = int, default = None, help = f'training batch size (default: {Config.batch_size})')
+    parser.add_argument('--lr', type = float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
+    parser.add_argument('--max-new-tokens', type = int, default = None, help = f'longest translation, in tokens (default: {Config.max_new_tokens})')
     return parser.parse_args(argv)
 
 def make_config(args: argparse.Namespace) -> Config:
     config = Config(**QUICK) if args.quick else Config()
-    overrides = dict(eval_size = args.eval_size, steps = args.steps)
+    overrides = dict(eval_size = args.eval_size, steps = args.steps, batch_size = args.batch_size, lr = args.lr, max_new_tokens = args.max_new_tokens)
     return replace(config, **{name: value for name, value in overrides.items() if value is not None})
 
 def main(argv: list[str] | None = None) -> dict:
