@@ -13,6 +13,7 @@ from torch.nn import Module, ModuleList
 from calm_pytorch.adapters import ModelAdapter, make_adapter, vocab_mismatch
 from calm_pytorch.capture import HiddenRecorder
 from calm_pytorch.checkpointing import GradientCheckpointing, disable_checkpointing
+from calm_pytorch.meta import CompositionInit, on_meta
 from calm_pytorch.composed import composed_anchor
 from calm_pytorch.cross_attention import CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.generation import check_left_padded, check_sampling, left_pad
@@ -32,7 +33,7 @@ from calm_pytorch.wiring import default_connections, validate_connections
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(GradientCheckpointing, Module):
+class CALM(GradientCheckpointing, CompositionInit, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the
@@ -216,9 +217,10 @@ class CALM(GradientCheckpointing, Module):
         self.anchor_sites = anchor_sites
 
         # augments that read tokens are probed for causality here rather than on the first aligned
-        # call: the probe registers hooks, and inside a torch.compile'd forward that is a graph break
+        # call: the probe registers hooks, and inside a torch.compile'd forward that is a graph break.
+        # A model on `meta` has no values to compare yet: probed at its first aligned call
         self.augment_is_causal: list[bool | None] = [
-            None if exists(adapter.input_shape) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
+            None if exists(adapter.input_shape) or on_meta(adapter.model) else adapter.is_causal([] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in keys])
             for adapter, keys in zip(self.augment_adapters, augment_keys)
         ]
         self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer or exists(augment.tokenizer)) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
@@ -268,11 +270,12 @@ class CALM(GradientCheckpointing, Module):
         from calm_pytorch.checkpoint import save_composition
         return save_composition(self, path)
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
         """Loads a checkpoint written by `save` into this composition over the same frozen models.
-        A mismatched wiring or a damaged file is an error, and then nothing is loaded."""
+        A mismatched wiring, other frozen models (unless `strict_models = False`: then a warning)
+        or a damaged file is an error, and then nothing is loaded."""
         from calm_pytorch.checkpoint import load_composition
-        return load_composition(self, path)
+        return load_composition(self, path, strict_models = strict_models)
 
     # forward
 

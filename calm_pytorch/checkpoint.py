@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from torch import Tensor
 from calm_pytorch.atomic import atomic_write_bytes
 from calm_pytorch.calm import CALM
 from calm_pytorch.cross_attention import CrossAttentionBlock
+from calm_pytorch.fingerprint import composition_identities, models_differences
 from calm_pytorch.helpers import typecheck
 
 # a composition checkpoint is one safetensors file: the tensors are the composition weights
@@ -107,7 +110,8 @@ def digest(wiring_json: str, header: dict, data: bytes) -> str:
     return sha.hexdigest()
 
 def split_file(raw: bytes, path: Path) -> tuple[dict, bytes]:
-    """safetensors layout: 8 bytes little-endian header length, the JSON header, then the tensor bytes."""
+    """safetensors layout: 8 bytes little-endian header length, the JSON header, then the tensor bytes.
+    The header is checked to describe exactly the tensor bytes that follow."""
 
     if len(raw) < 8:
         raise CheckpointError(f'{path} is truncated or not a safetensors file: it holds {len(raw)} bytes, fewer than the 8-byte header length')
@@ -118,28 +122,85 @@ def split_file(raw: bytes, path: Path) -> tuple[dict, bytes]:
         raise CheckpointError(f'{path} is truncated or not a safetensors file: its header claims {header_len} bytes but the file holds {len(raw)}')
 
     try:
-        header = json.loads(raw[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw[8:8 + header_len].decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f'{path} is corrupted or not a safetensors file: its header is not valid JSON ({error})') from None
 
     if not isinstance(header, dict):
         raise CheckpointError(f'{path} is corrupted or not a safetensors file: its header is not a JSON object')
 
     data = raw[8 + header_len:]
-    ends = [info['data_offsets'][1] for key, info in header.items() if key != '__metadata__' and isinstance(info, dict) and 'data_offsets' in info]
-    expected = max(ends, default = 0)
-
-    if len(data) != expected:
-        raise CheckpointError(f'{path} is truncated or corrupted: its header describes {expected} bytes of tensors, the file holds {len(data)}')
-
+    check_index(header, len(data), path)
     return header, data
+
+# the shape of a header. Valid JSON of the wrong shape (a list where an object belongs, one offset
+# where two do: one flipped bit turns `[0,64]` into `[0.64]`) is a damaged file like any other
+
+DTYPE_SIZES = dict(
+    BOOL = 1, U8 = 1, I8 = 1, F8_E4M3 = 1, F8_E5M2 = 1, I16 = 2, U16 = 2, F16 = 2, BF16 = 2,
+    I32 = 4, U32 = 4, F32 = 4, I64 = 8, U64 = 8, F64 = 8
+)
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+def check_index(header: dict, data_len: int, path: Path):
+    """Every tensor entry is {dtype, shape, data_offsets} of a consistent size, and together they
+    cover the tensor bytes exactly, without gaps or overlaps (as safetensors writes them)."""
+
+    def corrupted(problem: str):
+        raise CheckpointError(f'{path} is corrupted or not a safetensors file: {problem}')
+
+    spans = []
+
+    for key, info in header.items():
+        if key == '__metadata__':
+            continue
+
+        if not isinstance(info, dict) or set(info) != {'dtype', 'shape', 'data_offsets'}:
+            corrupted(f'the entry of {key!r} is not an object of dtype, shape and data_offsets')
+
+        dtype, shape, offsets = info['dtype'], info['shape'], info['data_offsets']
+
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            corrupted(f'{key!r} has the unknown dtype {dtype!r}')
+
+        if not isinstance(shape, list) or not all(map(is_count, shape)):
+            corrupted(f'{key!r} has the shape {shape!r}, not a list of sizes')
+
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)) or offsets[0] > offsets[1]:
+            corrupted(f'{key!r} has the data_offsets {offsets!r}, not [start, end]')
+
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+            corrupted(f'{key!r} spans {offsets[1] - offsets[0]} bytes, but a {dtype} tensor of shape {shape} needs {math.prod(shape) * DTYPE_SIZES[dtype]}')
+
+        spans.append(tuple(offsets))
+
+    end = 0
+
+    for start, stop in sorted(spans):
+        if start != end:
+            corrupted(f'its tensors leave a gap or overlap at byte {min(start, end)} of the data')
+        end = stop
+
+    if end != data_len:
+        raise CheckpointError(f'{path} is truncated or corrupted: its header describes {end} bytes of tensors, the file holds {data_len}')
+
+METADATA_KEYS = {'format', 'calm_format', 'calm_wiring', 'calm_sha256'}
 
 def read_header(raw: bytes, path: Path) -> tuple[dict, dict, bytes]:
     header, data = split_file(raw, path)
-    metadata = header.get('__metadata__') or {}
+    metadata = header.get('__metadata__', {})
+
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise CheckpointError(f'{path} is corrupted or not a safetensors file: its __metadata__ is not an object of strings')
 
     if metadata.get('calm_format') != FORMAT or 'calm_wiring' not in metadata or 'calm_sha256' not in metadata:
         raise CheckpointError(f'{path} is a safetensors file but not a calm composition checkpoint (no calm wiring in its metadata); write one with `calm.save(path)`')
+
+    # the checksum covers the wiring, the tensors and their index; the rest of the metadata is fixed
+    if set(metadata) != METADATA_KEYS or metadata['format'] != 'pt':
+        raise CheckpointError(f'{path} is corrupted: its metadata holds {sorted(metadata)} (format {metadata.get("format")!r}), a composition checkpoint {sorted(METADATA_KEYS)} (format \'pt\')')
 
     return header, metadata, data
 
@@ -147,22 +208,61 @@ def read_header(raw: bytes, path: Path) -> tuple[dict, dict, bytes]:
 def read_wiring(path: str | os.PathLike) -> dict[str, Any]:
     """The wiring stored in a composition checkpoint, without loading its weights."""
     path = Path(path)
-    _, metadata, _ = read_header(read_bytes(path), path)
-    return parse_wiring(metadata['calm_wiring'], path)
+    return verified_wiring(read_bytes(path), path)
+
+def verified_wiring(raw: bytes, path: Path) -> dict[str, Any]:
+    """The wiring of the checkpoint `raw`, once its structure and checksum hold (no torch involved)."""
+
+    header, metadata, data = read_header(raw, path)
+    wiring_json = metadata['calm_wiring']
+
+    if digest(wiring_json, header, data) != metadata['calm_sha256']:
+        raise CheckpointError(f'{path} is corrupted: its content does not match the checksum written with it')
+
+    return parse_wiring(wiring_json, path)
 
 def parse_wiring(wiring_json: str, path: Path) -> dict[str, Any]:
     try:
         wiring = json.loads(wiring_json)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f'{path} is corrupted: its wiring is not valid JSON ({error})') from None
 
-    if wiring.get('format_version', 0) > FORMAT_VERSION:
+    version = wiring.get('format_version', 0) if isinstance(wiring, dict) else None
+
+    if not is_count(version):
+        raise CheckpointError(f'{path} is corrupted: its wiring is not an object with a format_version')
+
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f'{path} has checkpoint format version {wiring.get("format_version")}, written by calm-compose {wiring.get("library_version")}; '
+            f'{path} has checkpoint format version {version}, written by calm-compose {wiring.get("library_version")}; '
             f'this calm-compose ({library_version()}) reads up to version {FORMAT_VERSION}: upgrade calm-compose'
         )
 
+    check_wiring_shape(wiring, path)
     return wiring
+
+def check_wiring_shape(wiring: dict, path: Path):
+    # what matching a checkpoint to a composition reads: augments, each with its connections
+    augments = wiring.get('augments')
+
+    def well_formed(augment) -> bool:
+        connections = augment.get('connections') if isinstance(augment, dict) else None
+        return isinstance(connections, list) and all(
+            isinstance(connection, dict) and is_count(connection.get('augment_layer')) and is_count(connection.get('anchor_layer'))
+            for connection in connections
+        )
+
+    if not isinstance(augments, list) or not all(map(well_formed, augments)):
+        raise CheckpointError(f'{path} is corrupted: its wiring does not list augments, each with connections of an augment_layer and an anchor_layer')
+
+    # the identity of the frozen models (absent from checkpoints of calm-compose before it)
+    models = wiring.get('models', dict(anchor = {}, augments = [{}] * len(augments)))
+
+    if not (
+        isinstance(models, dict) and isinstance(models.get('anchor'), dict) and isinstance(models.get('augments'), list) and
+        len(models['augments']) == len(augments) and all(isinstance(one, dict) for one in models['augments'])
+    ):
+        raise CheckpointError(f'{path} is corrupted: its wiring does not hold the identity of the anchor and of each of its {len(augments)} augments')
 
 def read_bytes(path: Path) -> bytes:
     if not path.is_file():
@@ -177,7 +277,7 @@ def save_composition(calm: CALM, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in composition_state_dict(calm).items()}
-    wiring_json = json.dumps(composition_wiring(calm), sort_keys = True)
+    wiring_json = json.dumps(composition_wiring(calm) | dict(models = composition_identities(calm)), sort_keys = True)
 
     # the tensor bytes do not depend on the metadata: serialise once to hash them, then again with the hash
 
@@ -188,20 +288,17 @@ def save_composition(calm: CALM, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, raw)
 
 @typecheck
-def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
+def load_composition(calm: CALM, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
     """Loads composition weights saved by `save_composition` into `calm`, whose frozen models and
     wiring must match the saved one. Everything is checked before any weight is touched: on error
-    `calm` is unchanged. Returns the checkpoint's wiring."""
+    `calm` is unchanged. Returns the checkpoint's wiring.
+
+    strict_models: frozen models other than those the checkpoint was trained over (another class,
+    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning"""
 
     path = Path(path)
     raw = read_bytes(path)
-    header, metadata, data = read_header(raw, path)
-    wiring_json = metadata['calm_wiring']
-
-    if digest(wiring_json, header, data) != metadata['calm_sha256']:
-        raise CheckpointError(f'{path} is corrupted: its content does not match the checksum written with it')
-
-    wiring = parse_wiring(wiring_json, path)
+    wiring = verified_wiring(raw, path)
 
     try:
         tensors = load_safetensors(raw)
@@ -209,6 +306,7 @@ def load_composition(calm: CALM, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f'{path} is corrupted: safetensors could not read it ({error})') from None
 
     check_fits(calm, wiring, tensors, path)
+    check_models(calm, wiring, path, strict_models)
 
     anchor_params = dict(calm.anchor.named_parameters())
 
@@ -255,6 +353,35 @@ def check_fits(calm: CALM, saved: dict[str, Any], tensors: dict[str, Tensor], pa
         'Build the CALM over the same models with the same connections, hidden positions and attn_kwargs as the one saved '
         f'(the saved wiring: calm_pytorch.read_wiring({str(path)!r}))'
     )
+
+def check_models(calm: CALM, saved: dict[str, Any], path: Path, strict: bool):
+    if 'models' not in saved:
+        warnings.warn(
+            f'{path} was written by calm-compose {saved.get("library_version")} without the identity of its frozen models, so nothing '
+            'checks that this composition is over the models it was trained with. Saving it again adds the identity',
+            stacklevel = 3
+        )
+        return
+
+    differences, cannot = models_differences(saved['models'], composition_identities(calm))
+
+    for line in cannot:
+        warnings.warn(f'{path}: {line}', stacklevel = 3)
+
+    if len(differences) == 0:
+        return
+
+    details = '\n'.join(f'  - {line}' for line in differences)
+    message = (
+        f'the checkpoint {path} was trained over other frozen models than this composition\'s:\n{details}\n'
+        'Its cross-attention learned to read those models; over others its output means nothing. Build the CALM over the models it was trained with, '
+        'or, if these are the same models in another form (cast to another dtype, re-quantized), load with `strict_models = False`'
+    )
+
+    if strict:
+        raise CompositionMismatchError(message)
+
+    warnings.warn(message, stacklevel = 3)
 
 def wiring_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     saved_augments, current_augments = saved.get('augments', []), current['augments']

@@ -67,6 +67,13 @@ class CrossAttentionBlock(Module):
 
         nn.init.zeros_(self.to_out.weight)
 
+    def reset_parameters(self):
+        """The weights as at construction: default inits, the output projection at zero."""
+        for module in (self.norm, self.context_norm, self.to_context, self.to_q, self.to_kv):
+            module.reset_parameters()
+
+        nn.init.zeros_(self.to_out.weight)
+
     def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """(b, j, dim_context) -> keys and values (b, h, j, d); computable once per context."""
         # the augment may run in another dtype, or on another device, than the composition

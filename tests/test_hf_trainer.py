@@ -160,7 +160,7 @@ def test_save_model_writes_the_composition_only(tmp_path):
 
     assert sorted(path.name for path in (tmp_path / 'saved').iterdir()) == ['composition.safetensors', 'training_args.bin']
 
-    other = build(seed = 1)
+    other = build()  # the same frozen models (a checkpoint refuses others), a fresh composition
     other.load(tmp_path / 'saved' / 'composition.safetensors')
     assert all(torch.equal(calm.composition_state_dict()[name], tensor) for name, tensor in other.composition_state_dict().items())
 
@@ -230,7 +230,7 @@ def test_best_model_is_loaded_from_the_composition(tmp_path):
     trainer = CALMTrainer(model = calm, args = args, train_dataset = hf_dataset(), eval_dataset = hf_dataset(8), data_collator = default_data_collator)
     trainer.train()
 
-    best = build(seed = 1)
+    best = build()  # the same frozen models (a checkpoint refuses others), a fresh composition
     best.load(f'{trainer.state.best_model_checkpoint}/composition.safetensors')
     assert all(torch.equal(best.composition_state_dict()[name], tensor) for name, tensor in calm.composition_state_dict().items())
 
