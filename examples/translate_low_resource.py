@@ -313,12 +313,15 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
     alignment = data.load_pairs()
     print(f'{len(alignment.pairs)} aligned verse pairs from {alignment.chapters_kept} chapters; dropped {len(alignment.chapters_dropped)} chapter(s) numbered differently: {alignment.chapters_dropped}')
 
-    timings: dict[str, float] = {}
-    started = time.time()
+    # (wall, CPU) seconds per phase: on a shared machine the CPU time says what a phase costs
+    timings: dict[str, tuple[float, float]] = {}
+    clock = lambda: (time.time(), time.process_time())
+    since = lambda start: (time.time() - start[0], time.process_time() - start[1])
+    started = clock()
     anchor, anchor_tokenizer = real_models.load_smollm2()
     augment, augment_tokenizer = real_models.load_gemma3()
     models = Models(anchor, anchor_tokenizer, augment, augment_tokenizer)
-    timings['load'] = time.time() - started
+    timings['load'] = since(started)
 
     # the single models do not depend on the seed: their translations are cached once
     first = data.split(alignment, eval_books = config.eval_books, eval_size = config.eval_size, composition_fraction = config.composition_fraction, max_chars = config.max_chars, num_shots = config.num_shots, seed = seeds[0])
@@ -331,10 +334,10 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
     shared.mkdir(parents = True, exist_ok = True)
     hypotheses: dict[str, dict[int, list[str]]] = {}
     for system, model, tokenizer in (('anchor', anchor, anchor_tokenizer), ('augment', augment, augment_tokenizer)):
-        started = time.time()
+        started = clock()
         translations = cached_json(shared / f'{system}.json', lambda: single_model(model, tokenizer, first, config, dict(SYSTEMS)[system]))
         hypotheses[system] = {seed: translations for seed in seeds}
-        timings[f'{system} eval'] = time.time() - started
+        timings[f'{system} eval'] = since(started)
 
     infos: dict[str, dict[int, dict]] = {}
 
@@ -346,7 +349,7 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
         print(f'\nseed {seed}: {len(split.composition)} composition pairs; cached in {run_dir}')
 
         for system in ('calm', 'control', 'lora'):
-            started = time.time()
+            started = clock()
 
             def compute(system = system):
                 if system == 'lora':
@@ -360,7 +363,7 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
             result = cached_json(run_dir / f'{system}.json', compute)
             hypotheses.setdefault(system, {})[seed] = result['translations']
             infos.setdefault(system, {})[seed] = result['info']
-            timings[f'{system} seed {seed}'] = time.time() - started
+            timings[f'{system} seed {seed}'] = since(started)
 
     scores = {system: {seed: chrf(hypotheses[system][seed], references) for seed in seeds} for system, _ in SYSTEMS}
     examples = [
@@ -464,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(example, ensure_ascii = False, indent = 1))
     # CPU time says what the run costs on an unshared machine; wall time also counts other processes
     result['wall_seconds'], result['cpu_seconds'] = time.time() - started, time.process_time() - cpu_started
-    print(f'time: {result["wall_seconds"]:.0f}s wall, {result["cpu_seconds"]:.0f}s CPU; ' + ', '.join(f'{name} {seconds:.0f}s' for name, seconds in result['timings'].items()))
+    print(f'time: {result["wall_seconds"]:.0f}s wall, {result["cpu_seconds"]:.0f}s CPU; ' + ', '.join(f'{name} {wall:.0f}s ({cpu:.0f}s CPU)' for name, (wall, cpu) in result['timings'].items()))
 
     args.out.mkdir(parents = True, exist_ok = True)
     (args.out / 'results.json').write_text(json.dumps(result, indent = 1, ensure_ascii = False))
