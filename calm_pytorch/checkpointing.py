@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 #
 # The frozen anchor runs in eval mode, so the checkpointing of transformers layers (which asks
 # `self.training`) never fires; and the composition only needs activations of the blocks its
-# gradient flows through: those at or after the first connected anchor layer. Below it nothing
-# requires grad, so autograd saves nothing there already.
+# gradient flows through: those above the first connected anchor layer (and that layer when its
+# delta goes to its input). Below, nothing requires grad, so autograd saves nothing there already.
 #
 # A checkpointed block's `forward` is replaced on the instance, not its `__call__`: the hooks of
 # the block (our injection and recording hooks, HF's output_hidden_states, FSDP2's unshard) stay

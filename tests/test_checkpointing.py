@@ -249,3 +249,24 @@ def test_compiled_checkpointed_step_matches_eager():
 
     for param, grad in zip(calm.cross_attns.parameters(), grads):
         torch.testing.assert_close(param.grad, grad, atol = 1e-5, rtol = 1e-4)
+
+def test_hf_trainer_with_gradient_checkpointing_trains_the_same(tmp_path):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    generator = torch.Generator().manual_seed(1)
+    rows = [dict(input_ids = ids, labels = ids) for ids in torch.randint(3, 128, (8, 12), generator = generator).tolist()]
+
+    def train(**kwargs) -> CALM:
+        torch.manual_seed(0)
+        calm = CALM(hf_models.llama(), AugmentParams(model = hf_models.gpt2(), connections = ((2, 1), (4, 2))), attn_kwargs = dict(heads = 2, dim_head = 8))
+        args = TrainingArguments(output_dir = str(tmp_path), per_device_train_batch_size = 4, max_steps = 2, report_to = [], use_cpu = True, disable_tqdm = True, save_strategy = 'no', learning_rate = 1e-2, seed = 0, **kwargs)
+        Trainer(model = calm, args = args, train_dataset = rows, data_collator = default_data_collator).train()
+        return calm
+
+    plain, checkpointed = train(), train(gradient_checkpointing = True)
+
+    # the Trainer enabled it: anchor block 2 carries the gradient of the connection at layer 1
+    assert checkpointed.checkpointed_modules == [checkpointed.anchor.model.layers[1]]
+
+    for param, expected in zip(checkpointed.cross_attns.parameters(), plain.cross_attns.parameters()):
+        torch.testing.assert_close(param, expected, atol = 1e-6, rtol = 1e-5)
