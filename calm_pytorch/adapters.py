@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -327,8 +328,13 @@ class XTransformersAdapter(ModelAdapter):
         attn_layers = self.model.attn_layers
         attentions = [attn_layers.layers[i][1] for i, layer_type in enumerate(attn_layers.layer_types) if layer_type == 'a']
         captured = []
+        thread = threading.get_ident()
 
         def capture(module, args, output):
+            # the attention modules are shared: another thread decoding meanwhile keeps its own cache
+            if threading.get_ident() != thread:
+                return
+
             output[1].layer_type = 'a'
             captured.append(output[1])
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from calm_pytorch.adapters import ModelAdapter
+from calm_pytorch.helpers import PerThread
 from calm_pytorch.params import HiddenPosition
 from calm_pytorch.recurrent import register_state_hook
 from calm_pytorch.sites import register_read_hook
@@ -20,6 +21,14 @@ LayerKey = tuple[int, HiddenPosition]  # (0-based layer in execution order, 'inp
 class StopForward(Exception):
     """Raised from the deepest recording hook: nothing above it is needed."""
 
+class RecordingState(PerThread):
+    """What one recording of this thread collects: a call in another thread records its own."""
+
+    def __init__(self):
+        self.recording: dict[LayerKey, list[Tensor]] | None = None
+        self.positions: dict[tuple, int] = {}  # hidden positions each site has returned in this forward
+        self.expected_len: int | None = None
+
 class HiddenRecorder:
     def __init__(
         self,
@@ -31,9 +40,7 @@ class HiddenRecorder:
         self.adapter = adapter
         self.layer_keys = list(dict.fromkeys(layer_keys))
         self.final_state = final_state  # record the state tokens a recurrent block returns, keep the last
-        self.recording: dict[LayerKey, list[Tensor]] | None = None
-        self.positions: dict[tuple, int] = {}  # hidden positions each site has returned in this forward
-        self.expected_len: int | None = None
+        self.call = RecordingState()  # the calling thread's
         self.handles = []
         self.stop_site = None
         self.fires_once = False
@@ -65,28 +72,30 @@ class HiddenRecorder:
             self.handles.append(register(site, partial(self.record, key, tuple(readers[key]))))
 
     def record(self, site_key, layer_keys: tuple[LayerKey, ...], hidden: Tensor, state: Tensor | None = None):
-        if self.recording is None:
+        call = self.call
+
+        if call.recording is None:
             return  # the augment called on its own: a guest leaves no trace
 
         for layer_key in layer_keys:
-            self.recording[layer_key].append(state if self.final_state else hidden)
+            call.recording[layer_key].append(state if self.final_state else hidden)
 
-        self.positions[site_key] = self.positions.get(site_key, 0) + hidden.shape[-2]
+        call.positions[site_key] = call.positions.get(site_key, 0) + hidden.shape[-2]
 
         # torch.export's default (non-strict) tracer keeps a stack of the modules it is inside and
         # fails when an exception unwinds through them: while exporting, the augment runs to its
         # end (as it does in a strict export's graph)
-        if site_key == self.stop_site and self.stop_early and self.should_stop() and not torch.compiler.is_exporting():
+        if site_key == self.stop_site and self.stop_early and self.should_stop(call) and not torch.compiler.is_exporting():
             raise StopForward
 
-    def should_stop(self) -> bool:
-        if self.expected_len is None:
+    def should_stop(self, call: RecordingState) -> bool:
+        if call.expected_len is None:
             # inputs of a fixed shape: the probe ran on that very shape
             return self.fires_once
 
         # token inputs: a segment-recurrent model is done once its segments cover the input;
         # a model whose hidden length differs from its input length runs to the end (still correct)
-        return self.positions[self.stop_site] == self.expected_len
+        return call.positions[self.stop_site] == call.expected_len
 
     def __call__(self, run: Callable[[], object], expected_len: int | None = None) -> dict[LayerKey, Tensor]:
         """Runs the augment through `run` and returns the hidden state of every recorded layer,
@@ -98,17 +107,16 @@ class HiddenRecorder:
             hiddens = run()
             return {(layer, position): hiddens[layer] for layer, position in self.layer_keys}
 
-        self.recording = defaultdict(list)
-        self.positions = {}
-        self.expected_len = expected_len
+        call = self.call
+        call.recording, call.positions, call.expected_len = defaultdict(list), {}, expected_len
 
         try:
             run()
         except StopForward:
             pass
         finally:
-            recording, self.recording = self.recording, None
-            self.positions, self.expected_len = {}, None
+            recording = call.recording
+            call.recording, call.positions, call.expected_len = None, {}, None
 
         if self.final_state:
             return {key: states[-1] for key, states in recording.items()}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -37,11 +38,13 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
     return first.shape[0] if exists(first) else None
 
 class ContextsForBatch:
-    """Forward pre-hook on the anchor: before each call, hands the injector the contexts expanded
-    to the call's batch size. A hook object, not a closure, like every hook of the package."""
+    """Forward pre-hook on the anchor: before each call in the thread that opened the block, hands
+    the injector the contexts expanded to the call's batch size. A hook object, not a closure, like
+    every hook of the package."""
 
     def __init__(self, calm: CALM, contexts: list[AugmentContext]):
         self.injector = calm.injector
+        self.thread = threading.get_ident()
         self.batch = next(iter(contexts[0].hiddens.values())).shape[0]
         self.by_batch = {self.batch: contexts}
 
@@ -60,13 +63,20 @@ class ContextsForBatch:
 
         return self.by_batch[batch]
 
-    def __call__(self, module: Module, args: tuple, kwargs: dict):
+    def __call__(self, module: Module, args: tuple, kwargs: dict | None = None):
+        # the anchor called by another thread meanwhile is not composed by this block. That thread
+        # may meet this hook half registered or half removed, when torch calls it without kwargs
+        if threading.get_ident() != self.thread:
+            return None
+
+        call = self.injector.call
+
         # a CALM forward inside the block sets its own contexts: leave them alone
-        if exists(self.injector.contexts) and not self.owns(self.injector.contexts):
+        if exists(call.contexts) and not self.owns(call.contexts):
             return None
 
         batch = call_batch_size(args, kwargs)
-        self.injector.contexts = self.for_batch(batch if exists(batch) else self.batch)
+        call.contexts = self.for_batch(batch if exists(batch) else self.batch)
         return None
 
 @contextmanager
@@ -78,7 +88,9 @@ def composed_anchor(
     if calm.hooks_removed:
         raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
 
-    if exists(calm.injector.contexts):
+    call = calm.injector.call
+
+    if exists(call.contexts):
         raise RuntimeError('the anchor is already composed: `composed(...)` blocks cannot be nested or entered during a CALM forward')
 
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(calm.augments)
@@ -99,10 +111,10 @@ def composed_anchor(
     set_contexts = ContextsForBatch(calm, contexts)
     # on the model the adapter calls: a PEFT wrapper's generate() calls its base model, not itself
     handle = calm.anchor_adapter.model.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True)
-    calm.injector.contexts = contexts
+    call.contexts = contexts
 
     try:
         yield calm.anchor
     finally:
         handle.remove()
-        calm.injector.contexts = None
+        call.contexts = None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from functools import wraps
 from typing import Any, Callable
 
@@ -34,3 +35,12 @@ def default(v: Any, d: Any) -> Any:
 
 def cast_tuple(v: Any, length: int = 1) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else ((v,) * length)
+
+class PerThread(threading.local):
+    """Per-call state of a hook object (the contexts an injection reads, the hidden states a
+    recorder collects): each thread sees its own attributes, so one composition may serve several
+    threads at once. A subclass sets its attributes' idle values in `__init__` (run once per thread)."""
+
+    def __reduce__(self):
+        # deepcopy and pickle give a fresh, idle state: outside a call there is nothing to carry
+        return type(self), ()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from calm_pytorch.capture import LayerKey
 from calm_pytorch.cross_attention import CrossAttentionBlock
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import PerThread, exists
 from calm_pytorch.sites import Site, register_write_hook
 
 @dataclass
@@ -27,14 +27,21 @@ class Connection:
     augment_key: LayerKey
     cross_attn: CrossAttentionBlock
 
-class AnchorInjector:
-    """One write hook per anchor site. Inside `composed(contexts)` it adds to the hidden state the
-    sum of its cross-attention deltas, all computed from the same hidden state; outside it does nothing."""
+class InjectionState(PerThread):
+    """What one composed call of this thread hands its anchor hooks."""
 
-    def __init__(self, connections_at: list[tuple[Site, Connection]]):
+    def __init__(self):
         self.contexts: list[AugmentContext] | None = None
         self.query_len: int | None = None
         self.positions_seen: dict[tuple[int, str], int] = {}  # per site, within one composed forward
+
+class AnchorInjector:
+    """One write hook per anchor site. Inside `composed(contexts)` it adds to the hidden state the
+    sum of its cross-attention deltas, all computed from the same hidden state; outside it does
+    nothing. The contexts are the calling thread's: a call in another thread sees its own, or none."""
+
+    def __init__(self, connections_at: list[tuple[Site, Connection]]):
+        self.call = InjectionState()  # the calling thread's
 
         sites, connections = {}, defaultdict(list)
 
@@ -48,7 +55,9 @@ class AnchorInjector:
         ]
 
     def inject(self, site_key: tuple[int, str], connections: tuple[Connection, ...], hidden: Tensor) -> Tensor | None:
-        if not exists(self.contexts):
+        call = self.call
+
+        if not exists(call.contexts):
             return None  # the anchor called on its own is left untouched
 
         # where this call's queries sit, for the causal mask of aligned mode. A segment-recurrent
@@ -56,15 +65,15 @@ class AnchorInjector:
         # forward's `query_len`; the forward's queries end where the context ends (for a
         # one-call forward this is the offset j - i)
 
-        seen = self.positions_seen.get(site_key, 0)
+        seen = call.positions_seen.get(site_key, 0)
         num_queries = hidden.shape[-2]
-        self.positions_seen[site_key] = seen + num_queries
-        total = max(seen + num_queries, self.query_len or 0)
+        call.positions_seen[site_key] = seen + num_queries
+        total = max(seen + num_queries, call.query_len or 0)
 
         delta = 0.
 
         for connection in connections:
-            context = self.contexts[connection.augment_index]
+            context = call.contexts[connection.augment_index]
             kv = context.kv.get(connection.cross_attn) if exists(context.kv) else None
             context_hiddens = None if exists(kv) else context.hiddens[connection.augment_key]
             context_len = kv[0].shape[-2] if exists(kv) else context_hiddens.shape[-2]
@@ -86,11 +95,12 @@ class AnchorInjector:
         anchor reads them over several calls of each block); None: each call's queries are the
         last positions of the context."""
 
-        self.contexts, self.query_len, self.positions_seen = contexts, query_len, {}
+        call = self.call
+        call.contexts, call.query_len, call.positions_seen = contexts, query_len, {}
         try:
             yield
         finally:
-            self.contexts, self.query_len, self.positions_seen = None, None, {}
+            call.contexts, call.query_len, call.positions_seen = None, None, {}
 
     def remove(self):
         for handle in self.handles:

@@ -43,7 +43,7 @@ def test_cached_and_uncached_greedy_agree_and_differ_from_the_plain_anchor(setup
 
     # after the context, the anchor generates exactly what it did before wrapping
     assert torch.equal(anchor.generate(input_ids, **GREEDY), before)
-    assert calm.injector.contexts is None
+    assert calm.injector.call.contexts is None
 
 def test_composed_generation_matches_the_composed_forward(setup):
     calm, anchor, input_ids, document, document_mask, _ = setup

@@ -28,7 +28,7 @@ def test_models_called_directly_are_untouched(anchor, augment):
     prompt = tokens(length = 6)
     before = calm(seq, return_loss = False, prompt = [None, prompt])
     augment(tokens(length = 30))
-    assert all(recorder.recording is None for recorder in calm.recorders)
+    assert all(recorder.call.recording is None for recorder in calm.recorders)
     assert torch.equal(calm(seq, return_loss = False, prompt = [None, prompt]), before)
 
 def test_remove_hooks_restores_the_models(anchor, augment):
@@ -70,8 +70,8 @@ def test_failed_forward_leaves_no_stale_state(anchor, augment):
         calm(seq, prompt = prompt)
     handle.remove()
 
-    assert calm.injector.contexts is None
-    assert all(recorder.recording is None for recorder in calm.recorders)
+    assert calm.injector.call.contexts is None
+    assert all(recorder.call.recording is None for recorder in calm.recorders)
     assert torch.equal(calm(seq, prompt = prompt), fresh(seq, prompt = prompt))
     assert torch.equal(anchor(seq), fresh.anchor(seq))
 

@@ -183,7 +183,7 @@ def test_the_injector_reset_its_count_after_a_failed_forward():
         calm(seq)
     handle.remove()
 
-    assert calm.injector.positions_seen == {} and calm.injector.query_len is None
+    assert calm.injector.call.positions_seen == {} and calm.injector.call.query_len is None
     assert torch.equal(calm(seq, return_loss = False), logits)
 
 def test_segment_models_composed_both_ways_train():

@@ -84,7 +84,7 @@ def test_recording_keeps_only_the_connected_hidden_states_and_none_after_backwar
     # (held by the autograd graph of their cross-attentions); the recorder holds none itself
     alive = {layer for layer, ref in refs.items() if ref() is not None}
     assert alive == {2, 5}
-    assert calm.recorders[0].recording is None and calm.injector.contexts is None
+    assert calm.recorders[0].call.recording is None and calm.injector.call.contexts is None
 
     loss.backward()
 
