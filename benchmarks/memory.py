@@ -271,12 +271,12 @@ def main():
         rows['limit (estimate)'] = limit_row(results['no checkpointing'], results['checkpointing'])
 
     reference = results.get('no checkpointing')
-    header = '| variant | peak | above resting | kept for backward | vs no checkpointing |'
+    header = '| variant | peak | above resting | kept for backward | above resting vs no checkpointing |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
 
     for name, row in rows.items():
-        versus = f'{row["saved"] / reference["saved"]:.2f}x' if reference else '-'
+        versus = f'{(row["peak"] - row["before"]) / (reference["peak"] - reference["before"]):.2f}x' if reference else '-'
         print(f'| {name} | {gib(row["peak"])} | {gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
 
 if __name__ == '__main__':

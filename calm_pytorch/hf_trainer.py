@@ -23,22 +23,21 @@ from calm_pytorch.training_state import COMPOSITION_FILE
 # so `CALMTrainer` overrides the three places that write or read model weights. Optimizer,
 # scheduler, RNG and trainer state stay Trainer's own files.
 
-def unwrapped_calm(model: Module) -> CALM:
-    # DistributedDataParallel and torch.compile wrap the module they are given
-    while not isinstance(model, CALM) and isinstance(getattr(model, 'module', None) or getattr(model, '_orig_mod', None), Module):
-        model = getattr(model, 'module', None) or model._orig_mod
-
-    if not isinstance(model, CALM):
-        raise TypeError(f'CALMTrainer trains a CALM, got {type(model).__name__}; use transformers.Trainer for other models')
-
-    return model
-
 class CALMTrainer(Trainer):
     """`transformers.Trainer` for a CALM. Training is Trainer's own; `save_model()`, the periodic
     checkpoints and the best model hold the composition only (`composition.safetensors`, written by
     `calm.save`: the cross-attention weights, any anchor parameters the user left trainable such as
     LoRA weights, and the wiring), and `train(resume_from_checkpoint = ...)` and
     `load_best_model_at_end` read it back with `calm.load`."""
+
+    def unwrapped_calm(self, model: Module | None = None) -> CALM:
+        # DistributedDataParallel and torch.compile wrap the module they are given
+        model = self.accelerator.unwrap_model(model if exists(model) else self.model, keep_torch_compile = False)
+
+        if not isinstance(model, CALM):
+            raise TypeError(f'CALMTrainer trains a CALM, got {type(model).__name__}; use transformers.Trainer for other models')
+
+        return model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         # state_dict: Trainer gathers one under FSDP / DeepSpeed; the composition is read from the model
@@ -48,7 +47,7 @@ class CALMTrainer(Trainer):
         output_dir = Path(output_dir if exists(output_dir) else self.args.output_dir)
         output_dir.mkdir(parents = True, exist_ok = True)
 
-        unwrapped_calm(self.model).save(output_dir / COMPOSITION_FILE)
+        self.unwrapped_calm().save(output_dir / COMPOSITION_FILE)
 
         if exists(self.processing_class):
             self.processing_class.save_pretrained(output_dir)
@@ -61,10 +60,10 @@ class CALMTrainer(Trainer):
         if not path.is_file():
             raise FileNotFoundError(f'{resume_from_checkpoint} holds no {COMPOSITION_FILE}: resume from a checkpoint written by CALMTrainer')
 
-        unwrapped_calm(model if exists(model) else self.model).load(path)
+        self.unwrapped_calm(model).load(path)
 
     def _load_best_model(self):
-        unwrapped_calm(self.model).load(Path(self.state.best_model_checkpoint) / COMPOSITION_FILE)
+        self.unwrapped_calm().load(Path(self.state.best_model_checkpoint) / COMPOSITION_FILE)
 
 # Accelerate: `accelerator.save_state` / `load_state` write each prepared model's `state_dict()`.
 # Accelerate's own extension point, a pair of pre-hooks, lets a composition be written by

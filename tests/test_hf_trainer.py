@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from hf_models import gpt2, llama
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from calm_pytorch import CALM
-from calm_pytorch.hf_forward import CALMOutput
+from calm_pytorch import CALM, AugmentParams, CALMOutput
 from calm_pytorch.hf_trainer import CALMTrainer, register_accelerate_hooks
 
 # the composition as a Hugging Face Trainer model: HF-style batches, the output Trainer reads,
@@ -141,6 +140,19 @@ def test_plain_trainer_trains_with_default_settings(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert all(not torch.equal(before[name], tensor) for name, tensor in composition(calm).items() if name.endswith('to_out.weight'))
     assert all(torch.equal(frozen[name], tensor) for name, tensor in frozen_state(calm).items())
+
+def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path):
+    def trained(checkpointing: bool) -> dict:
+        # connected low in a deeper anchor: the blocks above carry the gradient and are checkpointed
+        torch.manual_seed(0)
+        calm = CALM(llama(depth = 4), AugmentParams(model = gpt2(), connections = ((2, 1), (4, 2))), attn_kwargs = dict(heads = 2, dim_head = 8))
+        args = training_args(tmp_path, max_steps = 2, gradient_checkpointing = checkpointing)
+        Trainer(model = calm, args = args, train_dataset = hf_dataset(), data_collator = default_data_collator).train()
+        assert calm.is_activation_checkpointing == checkpointing
+        return composition(calm)
+
+    plain, checkpointed = trained(False), trained(True)
+    assert all(torch.allclose(plain[name], tensor, atol = 1e-6) for name, tensor in checkpointed.items())
 
 def test_trainer_evaluates():
     calm = build()

@@ -138,3 +138,19 @@ def test_prompt_learning_peft_anchors_are_refused():
 
     with pytest.raises(ValueError, match = 'prompt-learning'):
         CALM(anchor, augment(), attn_kwargs = ATTN)
+
+def test_lora_with_trainer_and_gradient_checkpointing_trains_as_without(tmp_path):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    rows = [dict(input_ids = ids.tolist(), labels = ids.tolist()) for ids in torch.randint(3, 128, (8, 12))]
+
+    def trained(checkpointing: bool) -> dict:
+        calm = CALM(lora_anchor(), augment(), attn_kwargs = ATTN)
+        args = TrainingArguments(output_dir = str(tmp_path), max_steps = 2, per_device_train_batch_size = 4, learning_rate = 1e-2, gradient_checkpointing = checkpointing, report_to = [], use_cpu = True, disable_tqdm = True, save_strategy = 'no')
+        Trainer(model = calm, args = args, train_dataset = rows, data_collator = default_data_collator).train()
+        assert calm.is_activation_checkpointing == checkpointing
+        return snapshot(calm)
+
+    plain, checkpointed = trained(False), trained(True)
+    assert any(not torch.equal(plain[name], lora_anchor().state_dict()[name[len('anchor.'):]]) for name in plain if is_lora(name))
+    assert all(torch.allclose(plain[name], tensor, atol = 1e-6) for name, tensor in checkpointed.items())
