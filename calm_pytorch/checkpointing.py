@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # HF layers built with a cache write to it; a second write in the recompute would change the
 # shapes, so (like transformers' own checkpointing) a checkpointed call runs without it
-CACHE_KWARGS = ('past_key_values', 'past_key_value', 'layer_past')
+CACHE_KWARGS = ('cache', 'past_key_values', 'past_key_value', 'layer_past')  # 'cache': transformers >= 5.25
 
 def needs_gradients(module: Module, args: tuple, kwargs: dict) -> bool:
     tensors = [*args, *kwargs.values()]

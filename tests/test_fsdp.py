@@ -56,7 +56,7 @@ def synthetic(num: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 PROBE = torch.arange(2 * LENGTH).reshape(2, LENGTH) % VOCAB
 
 def finetuner(calm: CALM, **kwargs) -> FineTuner:
-    options = dict(num_train_steps = 3, grad_accum_every = 2, learning_rate = 3e-3, warmup_steps = 1, progress = False, device = 'cpu')
+    options = dict(num_train_steps = 3, grad_accum_every = 2, learning_rate = 1e-3, warmup_steps = 1, progress = False, device = 'cpu')
     return FineTuner(calm, synthetic(), **{**options, **kwargs})
 
 def full_frozen(calm: CALM) -> dict[str, torch.Tensor]:
