@@ -13,7 +13,9 @@ held-out books, decoded greedily:
     m_B alone and m_A alone, with a few-shot prompt;
     CALM;
     CALM with a random m_A of the same architecture (the control: a gain must come from what m_A knows);
-    m_B with LoRA trained on the same data, with about as many trainable parameters as CALM.
+    m_B with LoRA trained on the same data, with about as many trainable parameters as CALM;
+    no translation at all: the English of random training verses (the floor that fluent Bible
+    English unrelated to the source reaches).
 
     python examples/translate_low_resource.py              # the default configuration (see docs/translation.md)
     python examples/translate_low_resource.py --seeds 3    # mean and spread over 3 seeds
@@ -31,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -88,6 +91,7 @@ SYSTEMS = (
     ('calm', 'CALM (m_A + m_B)'),
     ('control', 'CALM, random m_A (control)'),
     ('lora', 'm_B + LoRA (same data)'),
+    ('unrelated', 'no translation: random training verses'),
 )
 
 # prompts
@@ -345,6 +349,12 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
         hypotheses[system] = {seed: translations for seed in seeds}
         timings[f'{system} eval'] = since(started)
 
+    # the floor: what fluent Bible English that has nothing to do with the source scores, each
+    # verse "translated" into the English of a random verse of the (first seed's) composition data:
+    # chrF rewards the style and the words that every verse shares
+    unrelated = [pair.english for pair in random.Random(2).choices(first.composition, k = len(evaluation))]
+    hypotheses['unrelated'] = {seed: unrelated for seed in seeds}
+
     infos: dict[str, dict[int, dict]] = {}
 
     for seed in seeds:
@@ -408,7 +418,7 @@ def plot(result: dict, path: Path):
     names = [name for _, name in SYSTEMS]
     values = [list(result['scores'][system].values()) for system, _ in SYSTEMS]
     means = [statistics.mean(scores) for scores in values]
-    colors = ['tab:orange', 'tab:green', 'tab:blue', 'tab:red', 'tab:purple']
+    colors = ['tab:orange', 'tab:green', 'tab:blue', 'tab:red', 'tab:purple', 'tab:gray']
     bars.barh(range(len(names)), means, color = colors)
 
     for row, scores in enumerate(values):
