@@ -382,18 +382,25 @@ def run(config: Config, seeds: list[int], out: Path) -> dict:
             timings[f'{system} seed {seed}'] = since(started)
 
     scores = {system: {seed: chrf(hypotheses[system][seed], references) for seed in seeds} for system, _ in SYSTEMS}
+    # the same against the references in a shuffled order: what a system scores without
+    # translating. The difference is the part of its score that depends on the source verse
+    shuffled = random.Random(3).sample(references, len(references))
+    shuffled_scores = {system: {seed: chrf(hypotheses[system][seed], shuffled) for seed in seeds} for system, _ in SYSTEMS}
     examples = [
         dict(citation = pair.citation, chichewa = pair.chichewa, reference = pair.english, **{system: hypotheses[system][seeds[0]][index] for system, _ in SYSTEMS})
         for index, pair in enumerate(evaluation[:5])
     ]
     trainable = {system: infos[system][seeds[0]]['trainable'] for system in ('calm', 'control', 'lora')}
-    return dict(scores = scores, trainable = trainable, infos = infos, timings = timings, examples = examples, num_eval = len(evaluation), num_composition = len(first.composition), lora_rank = infos['lora'][seeds[0]]['rank'])
+    return dict(scores = scores, shuffled_scores = shuffled_scores, trainable = trainable, infos = infos, timings = timings, examples = examples, num_eval = len(evaluation), num_composition = len(first.composition), lora_rank = infos['lora'][seeds[0]]['rank'])
 
 # reporting
 
+def source_gains(result: dict, system: str) -> list[float]:
+    """chrF against the right references minus chrF against shuffled ones, per seed."""
+    return [score - result['shuffled_scores'][system][seed] for seed, score in result['scores'][system].items()]
+
 def table(result: dict) -> str:
-    def cell(system: str) -> str:
-        values = list(result['scores'][system].values())
+    def cell(values: list[float]) -> str:
         if len(values) == 1:
             return f'{values[0]:.1f}'
         return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}'
@@ -401,8 +408,8 @@ def table(result: dict) -> str:
     def params(system: str) -> str:
         return f'{result["trainable"][system] / 1e6:.2f}M' if system in result['trainable'] else '0'
 
-    lines = ['| system | chrF | trainable parameters |', '|---|---:|---:|']
-    lines += [f'| {name} | {cell(system)} | {params(system)} |' for system, name in SYSTEMS]
+    lines = ['| system | chrF | chrF over shuffled references | trainable parameters |', '|---|---:|---:|---:|']
+    lines += [f'| {name} | {cell(list(result["scores"][system].values()))} | {cell(source_gains(result, system))} | {params(system)} |' for system, name in SYSTEMS]
     return '\n'.join(lines)
 
 def plot(result: dict, path: Path):
@@ -420,6 +427,10 @@ def plot(result: dict, path: Path):
     means = [statistics.mean(scores) for scores in values]
     colors = ['tab:orange', 'tab:green', 'tab:blue', 'tab:red', 'tab:purple', 'tab:gray']
     bars.barh(range(len(names)), means, color = colors)
+
+    shuffled = [statistics.mean(result['shuffled_scores'][system].values()) for system, _ in SYSTEMS]
+    bars.scatter(shuffled, range(len(names)), color = 'black', marker = '|', s = 200, zorder = 3, label = 'against shuffled references')
+    bars.legend(fontsize = 7, loc = 'lower right')
 
     for row, scores in enumerate(values):
         bars.scatter(scores, [row] * len(scores), color = 'black', s = 10, zorder = 3)
