@@ -1,5 +1,6 @@
 """Peak memory of one CALM training step: plain, with activation checkpointing, with the frozen
-models sharded over 2 processes (FSDP2), and with an int8 quantized anchor.
+models sharded over 2 processes (FSDP2), and with an int8 quantized anchor (each of the last two
+also with checkpointing).
 
 A Llama-like anchor of ~1B parameters and a Llama-like augment of ~300M, both built from configs
 (random weights), composed with the default connections (every 4th augment layer, spread evenly
@@ -24,7 +25,8 @@ alive while that block is recomputed.
 
 Every row is also compared with the limit (peak / limit), and says how many bytes of frozen weights
 each process holds: the raw int8 data and scales of a quantized weight, the local shard of a
-sharded one.
+sharded one; and compared with the limit for those bytes (the limit with the row's frozen bytes
+in place of the whole float32 models).
 
 Variants are a list (`VARIANTS`): a row is a name, a function changing the frozen models before
 they are composed, one preparing the composition, and a launcher (default: one subprocess).
@@ -36,6 +38,7 @@ they are composed, one preparing the composition, and a launcher (default: one s
   (that transient is before the measured step).
 - 'quantized anchor': the anchor's Linear weights int8 weight-only (torchao's
   `Int8WeightOnlyConfig`, as tests/test_quantized.py does it), the augment float32.
+- '... + checkpointing': `calm.gradient_checkpointing_enable()` first (before sharding).
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def quantize_anchor(anchor, augment):
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     quantize_(anchor, Int8WeightOnlyConfig())
 
+def checkpointed(calm, then = lambda calm: None):
+    # enabled before sharding, as a FineTuner user would: FineTuner(strategy = 'fsdp') shards
+    calm.gradient_checkpointing_enable()
+    return then(calm)
+
 def shard(calm):
     # what FineTuner(strategy = 'fsdp') does: shard the frozen models, replicate the composition,
     # and average its gradients over the processes once per step
@@ -106,7 +114,9 @@ VARIANTS = [
     Variant('no checkpointing'),
     Variant('checkpointing', prepare = lambda calm: calm.gradient_checkpointing_enable()),
     Variant('fsdp (2 processes)', prepare = shard, launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
+    Variant('fsdp (2 processes) + checkpointing', prepare = lambda calm: checkpointed(calm, then = shard), launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
     Variant('quantized anchor', models = quantize_anchor),
+    Variant('quantized anchor + checkpointing', models = quantize_anchor, prepare = lambda calm: checkpointed(calm)),
 ]
 
 # the measured step, in a child process
@@ -356,14 +366,15 @@ def main():
     for name in names:
         variant = by_name[name]
         results[name] = variant.launch(setup, variant, args.threads) if variant.launch is not None else run_in_subprocess(setup, variant, args.threads)
+        print(f'{name}: peak {gib(results[name]["peak"])}, resting {gib(results[name]["before"])}', file = sys.stderr, flush = True)  # progress, on long runs
 
     first = next(iter(results.values()))
     print(f'machine: {machine()}')
     print(f'anchor {first["anchor_params"] / 1e9:.2f}B parameters, augment {first["augment_params"] / 1e9:.2f}B, {setup.dtype}; '
           f'composition {first["composition"] / 4 / 1e6:.1f}M float32 parameters; batch {setup.batch}, sequence {setup.seq_len}; '
-          f'checkpointed anchor blocks: {results.get("checkpointing", first)["checkpointed_blocks"]} of {first["anchor_blocks"]}')
+          f'checkpointed anchor blocks: {max(row["checkpointed_blocks"] for row in results.values())} of {first["anchor_blocks"]}')
     print('peak: peak RSS of the step (of the larger process with FSDP); vs limit: peak / the limit row; frozen held: bytes of frozen weights '
-          'one process holds (vs unsharded: / the float32 models); above resting: the peak less the RSS between steps (weights, optimizer state); '
+          'one process holds (vs unsharded: / the float32 models); limit with the frozen held: the limit, its frozen weights replaced by the row\'s; above resting: the peak less the RSS between steps (weights, optimizer state); '
           'kept for backward: the tensors autograd saved (for the limit, with one block recomputing)\n')
 
     rows = dict(results)
@@ -372,14 +383,16 @@ def main():
 
     reference = results.get('no checkpointing')
     limit = rows.get('limit (estimate)')
-    header = '| variant | peak | peak vs limit | frozen held | frozen vs unsharded | above resting | kept for backward | above resting vs no checkpointing |'
+    header = '| variant | peak | peak vs limit | frozen held | frozen vs unsharded | peak vs limit with the frozen held | above resting | kept for backward | above resting vs no checkpointing |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
 
     for name, row in rows.items():
         versus = f'{(row["peak"] - row["before"]) / (reference["peak"] - reference["before"]):.2f}x' if reference else '-'
         versus_limit = f'{row["peak"] / limit["peak"]:.2f}x' if limit else '-'
-        print(f'| {name} | {gib(row["peak"])} | {versus_limit} | {gib(row["frozen_held"])} | {row["frozen_held"] / row["frozen"]:.2f}x | '
+        # the same limit, with the frozen bytes this row holds in place of the whole float32 models
+        versus_own = f'{row["peak"] / (limit["peak"] - limit["frozen"] + row["frozen_held"]):.2f}x' if limit else '-'
+        print(f'| {name} | {gib(row["peak"])} | {versus_limit} | {gib(row["frozen_held"])} | {row["frozen_held"] / row["frozen"]:.2f}x | {versus_own} | '
               f'{gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
 
     for name, row in results.items():
