@@ -105,6 +105,13 @@ def check_huggingface(ns: dict, tmp_path: Path):
     assert torch.equal(ns['plain'], ns['anchor'].generate(ns['input_ids'], max_new_tokens = 8, do_sample = False))
     assert len(ns['calm'].anchor_adapter.layers) == 4
 
+def check_scaling(ns: dict, tmp_path: Path):
+    assert len(ns['history']) == 2 and all(torch.isfinite(torch.tensor(step['loss'])) for step in ns['history'])
+    assert (tmp_path / 'composition.safetensors').exists()
+    # the frozen models stayed quantized: no Linear holds a plain float weight
+    linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
+
 CHECKS = {
     'README.md': check_readme,
     'docs/models.md': check_models,
@@ -113,6 +120,7 @@ CHECKS = {
     'docs/checkpoints.md': check_checkpoints,
     'docs/training.md': check_training,
     'docs/huggingface.md': check_huggingface,
+    'docs/scaling.md': check_scaling,
 }
 
 PAGES_WITH_SNIPPETS = [page for page in PAGES if len(python_snippets(page)) > 0]
