@@ -54,24 +54,6 @@ def is_sharded(module: Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
 
-def release_unsharded_parameters(calm: Module):
-    """Points the CALM's memory of the frozen models' `requires_grad` flags (restored by
-    `remove_hooks`) at the sharded parameters. It held the original parameter objects, and with
-    them every whole frozen weight: sharding would have added the shards to a full copy instead of
-    replacing it. `fully_shard` keeps each module's parameters in their order."""
-
-    state = []
-
-    for module, training, flags in calm._frozen_state:
-        params = list(module.parameters())
-
-        if len(params) != len(flags):
-            raise RuntimeError(f'sharding changed the number of parameters of {type(module).__name__} from {len(flags)} to {len(params)}')
-
-        state.append((module, training, [(param, requires_grad) for param, (_, requires_grad) in zip(params, flags)]))
-
-    calm._frozen_state = state
-
 def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
     """Shards the anchor and the augments of `calm` over the processes, in place, and makes the
     composition weights equal to rank 0's (as DDP would). Returns `calm`; one process: unchanged."""
@@ -102,8 +84,6 @@ def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
         # FSDP would keep a root unit gathered after its forward, until its backward frees it;
         # an augment has no backward (nor has the anchor in evaluation and generation)
         fully_shard(model, mesh = mesh, reshard_after_forward = True)
-
-    release_unsharded_parameters(calm)
 
     for recorder in calm.recorders:
         recorder.stop_early = False
