@@ -1,4 +1,6 @@
-"""Peak memory of one CALM training step, with and without activation checkpointing.
+"""Peak memory of one CALM training step: plain, with activation checkpointing, with the frozen
+models sharded over 2 processes (FSDP2), and with an int8 quantized anchor (each of the last two
+also with checkpointing).
 
 A Llama-like anchor of ~1B parameters and a Llama-like augment of ~300M, both built from configs
 (random weights), composed with the default connections (every 4th augment layer, spread evenly
@@ -8,6 +10,7 @@ batch 1 and sequence 1024.
     python benchmarks/memory.py                   # the ~1B anchor (float32: ~8 GiB at the peak, minutes per row)
     python benchmarks/memory.py --small           # tiny models: a check in seconds
     python benchmarks/memory.py --variants 'no checkpointing,checkpointing'
+    python benchmarks/memory.py --variants 'fsdp (2 processes),quantized anchor'
 
 Each variant runs in a fresh subprocess, which reports its peak resident set (VmHWM, reset
 before the measured step) with large allocations served by mmap, so that freed tensors leave the
@@ -20,8 +23,22 @@ weights with their gradients and the two Adam moments, the tensors the checkpoin
 keep (what autograd saved in the checkpointing run), and the activations of one anchor block,
 alive while that block is recomputed.
 
-Variants are a list (`VARIANTS`): a row is a name, a function preparing the composition, and a
-launcher (default: one subprocess); FSDP and quantized-anchor rows plug in there.
+Every row is also compared with the limit (peak / limit), and says how many bytes of frozen weights
+each process holds: the raw int8 data and scales of a quantized weight, the local shard of a
+sharded one; and compared with the limit for those bytes (the limit with the row's frozen bytes
+in place of the whole float32 models).
+
+Variants are a list (`VARIANTS`): a row is a name, a function changing the frozen models before
+they are composed, one preparing the composition, and a launcher (default: one subprocess).
+
+- 'fsdp (2 processes)': two subprocesses joined by gloo (as torchrun would start them), the frozen
+  models sharded by `calm_pytorch.fsdp.shard_frozen_models` (what `FineTuner(strategy = 'fsdp')`
+  calls), the replicated composition's gradients averaged as the FineTuner does; the row is the
+  larger of the two processes' peaks. Each process builds the whole models before sharding them
+  (that transient is before the measured step).
+- 'quantized anchor': the anchor's Linear weights int8 weight-only (torchao's
+  `Int8WeightOnlyConfig`, as tests/test_quantized.py does it), the augment float32.
+- '... + checkpointing': `calm.gradient_checkpointing_enable()` first (before sharding).
 """
 
 from __future__ import annotations
@@ -69,13 +86,37 @@ SETUPS = dict(
 @dataclass
 class Variant:
     name: str
-    prepare: Callable = lambda calm: None        # calm -> None, before the optimizer is built
-    launch: Callable | None = None               # (setup, variant) -> result dict; None: `run_child` in one subprocess
+    models: Callable = lambda anchor, augment: None  # changes the frozen models in place, before composing
+    prepare: Callable = lambda calm: None        # calm -> None, or a function called on the gradients after backward
+    launch: Callable | None = None               # (setup, variant, threads) -> result dict; None: `run_child` in one subprocess
     options: dict = field(default_factory = dict)  # free-form, for a launcher's own use
+
+def quantize_anchor(anchor, augment):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    quantize_(anchor, Int8WeightOnlyConfig())
+
+def checkpointed(calm, then = lambda calm: None):
+    # enabled before sharding, as a FineTuner user would: FineTuner(strategy = 'fsdp') shards
+    calm.gradient_checkpointing_enable()
+    return then(calm)
+
+def shard(calm):
+    # what FineTuner(strategy = 'fsdp') does: shard the frozen models, replicate the composition,
+    # and average its gradients over the processes once per step
+    from calm_pytorch.distributed import setup_distributed
+    from calm_pytorch.fsdp import average_gradients, shard_frozen_models
+
+    distributed = setup_distributed('cpu')
+    shard_frozen_models(calm, distributed)
+    return lambda params: average_gradients(params, distributed)
 
 VARIANTS = [
     Variant('no checkpointing'),
     Variant('checkpointing', prepare = lambda calm: calm.gradient_checkpointing_enable()),
+    Variant('fsdp (2 processes)', prepare = shard, launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
+    Variant('fsdp (2 processes) + checkpointing', prepare = lambda calm: checkpointed(calm, then = shard), launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
+    Variant('quantized anchor', models = quantize_anchor),
+    Variant('quantized anchor + checkpointing', models = quantize_anchor, prepare = lambda calm: checkpointed(calm)),
 ]
 
 # the measured step, in a child process
@@ -109,18 +150,49 @@ def build_calm(setup: Setup, anchor, augment):
 def nbytes(tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
+def plain_parts(tensor) -> list[torch.Tensor]:
+    """The plain tensors a process holds for `tensor`: a sharded one's local shard, a quantized
+    one's int8 data and scales (tensor subclasses flatten into their inner tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return plain_parts(tensor.to_local())
+
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer):
+        return [tensor]
+
+    names, _ = tensor.__tensor_flatten__()
+    return [inner for name in names for inner in plain_parts(getattr(tensor, name))]
+
+def held_bytes(tensors) -> int:
+    # distinct storages: tied weights (the embedding and the head) count once
+    storages = {}
+    for tensor in tensors:
+        for part in plain_parts(tensor):
+            storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+    return sum(storages.values())
+
 class SavedTensors:
     """Bytes of the distinct storages autograd saves for the backward while active, but for those
-    of `weights` (a linear layer saves its weight, which is held anyway)."""
+    of the module's weights (a linear layer saves its weight, which is held anyway). The weights
+    are looked up at each save: FSDP2 swaps a block's shards for whole gathered tensors during its
+    forward, and those are weights too."""
 
-    def __init__(self, weights):
-        self.weights = {tensor.untyped_storage().data_ptr() for tensor in weights}
+    def __init__(self, module):
+        self.module = module
         self.storages = {}
 
+    def weights(self) -> set[int]:
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return {part.untyped_storage().data_ptr() for tensor in tensors for part in plain_parts(tensor)}
+
     def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.weights:
-            self.storages[storage.data_ptr()] = storage.nbytes()
+        parts = plain_parts(tensor)
+        weights = self.weights()
+        for part in parts:
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in weights:
+                self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     def __enter__(self):
@@ -136,14 +208,20 @@ class SavedTensors:
         return sum(self.storages.values())
 
 def run_child(setup: Setup, variant: Variant) -> dict:
-    # the libraries are loaded before the interpreter's share is read
+    # the libraries are loaded before the interpreter's share is read (transformers loads a model's
+    # code on first use of its name)
     import calm_pytorch  # noqa: F401
-    import transformers  # noqa: F401
+    import transformers
+    transformers.LlamaForCausalLM, transformers.LlamaConfig
 
     interpreter = rss_bytes('VmRSS')
     anchor, augment = build_models(setup)
+    unsharded = held_bytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()])
+    variant.models(anchor, augment)
+
     calm = build_calm(setup, anchor, augment)
-    variant.prepare(calm)
+    after_backward = variant.prepare(calm) or (lambda params: None)
+    gc.collect()
 
     composition = list(calm.cross_attns.parameters())
     optimizer = torch.optim.Adam(composition, lr = 1e-4)
@@ -151,9 +229,10 @@ def run_child(setup: Setup, variant: Variant) -> dict:
     seq = torch.randint(3, setup.anchor['vocab_size'], (setup.batch, setup.seq_len + 1), generator = generator)
 
     def step(tokens) -> SavedTensors:
-        with SavedTensors([*calm.parameters(), *calm.buffers()]) as saved:
+        with SavedTensors(calm) as saved:
             loss = calm(tokens, use_cache = False)
         loss.backward()
+        after_backward(composition)
         optimizer.step()
         optimizer.zero_grad(set_to_none = False)  # gradients stay allocated, as in a training loop
         return saved
@@ -174,7 +253,8 @@ def run_child(setup: Setup, variant: Variant) -> dict:
         before = before,
         interpreter = interpreter,
         saved = saved.bytes,
-        frozen = nbytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()]),
+        frozen = unsharded,
+        frozen_held = held_bytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()]),
         composition = nbytes(composition),
         anchor_params = sum(param.numel() for param in anchor.parameters()),
         augment_params = sum(param.numel() for param in augment.parameters()),
@@ -194,6 +274,34 @@ def run_in_subprocess(setup: Setup, variant: Variant, threads: int) -> dict:
 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+def launch_processes(setup: Setup, variant: Variant, threads: int) -> dict:
+    """The variant in `options['processes']` subprocesses joined as torchrun would join them; the
+    row holds the largest peak and resting memory of any process, each process's in `ranks`."""
+
+    world_size = variant.options['processes']
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'WORLD_SIZE': str(world_size), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port())}
+    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name)), '--threads', str(threads)]
+
+    processes = [
+        subprocess.Popen(command, env = {**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank)}, stdout = subprocess.PIPE, stderr = subprocess.PIPE, text = True)
+        for rank in range(world_size)
+    ]
+    outputs = [process.communicate() for process in processes]
+
+    for rank, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
+        if process.returncode != 0:
+            raise RuntimeError(f'rank {rank} of {variant.name!r} failed:\n{stderr[-3000:]}')
+
+    ranks = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    row = {key: max(rank[key] for rank in ranks) for key in ('peak', 'before', 'saved', 'frozen_held')}
+    return {**ranks[0], **row, 'ranks': ranks}
+
 # the limit, from the measured parts
 
 def limit_row(plain: dict, checkpointed: dict) -> dict:
@@ -207,7 +315,7 @@ def limit_row(plain: dict, checkpointed: dict) -> dict:
     one_block = (plain['saved'] - checkpointed['saved']) / blocks + checkpointed['block_input']
     activations = checkpointed['saved'] + one_block
     static = plain['interpreter'] + plain['frozen'] + 4 * plain['composition']
-    return dict(peak = static + activations, before = static, saved = activations)
+    return dict(peak = static + activations, before = static, saved = activations, frozen_held = plain['frozen'], frozen = plain['frozen'])
 
 # report
 
@@ -257,27 +365,39 @@ def main():
     results = {}
     for name in names:
         variant = by_name[name]
-        results[name] = variant.launch(setup, variant) if variant.launch is not None else run_in_subprocess(setup, variant, args.threads)
+        results[name] = variant.launch(setup, variant, args.threads) if variant.launch is not None else run_in_subprocess(setup, variant, args.threads)
+        print(f'{name}: peak {gib(results[name]["peak"])}, resting {gib(results[name]["before"])}', file = sys.stderr, flush = True)  # progress, on long runs
 
     first = next(iter(results.values()))
     print(f'machine: {machine()}')
     print(f'anchor {first["anchor_params"] / 1e9:.2f}B parameters, augment {first["augment_params"] / 1e9:.2f}B, {setup.dtype}; '
           f'composition {first["composition"] / 4 / 1e6:.1f}M float32 parameters; batch {setup.batch}, sequence {setup.seq_len}; '
-          f'checkpointed anchor blocks: {results.get("checkpointing", first)["checkpointed_blocks"]} of {first["anchor_blocks"]}')
-    print('peak: peak RSS of the step; above resting: the peak less the RSS between steps (weights, optimizer state); kept for backward: the tensors autograd saved (for the limit, with one block recomputing)\n')
+          f'checkpointed anchor blocks: {max(row["checkpointed_blocks"] for row in results.values())} of {first["anchor_blocks"]}')
+    print('peak: peak RSS of the step (of the larger process with FSDP); vs limit: peak / the limit row; frozen held: bytes of frozen weights '
+          'one process holds (vs unsharded: / the float32 models); limit with the frozen held: the limit, its frozen weights replaced by the row\'s; above resting: the peak less the RSS between steps (weights, optimizer state); '
+          'kept for backward: the tensors autograd saved (for the limit, with one block recomputing)\n')
 
     rows = dict(results)
     if 'no checkpointing' in results and 'checkpointing' in results:
         rows['limit (estimate)'] = limit_row(results['no checkpointing'], results['checkpointing'])
 
     reference = results.get('no checkpointing')
-    header = '| variant | peak | above resting | kept for backward | above resting vs no checkpointing |'
+    limit = rows.get('limit (estimate)')
+    header = '| variant | peak | peak vs limit | frozen held | frozen vs unsharded | peak vs limit with the frozen held | above resting | kept for backward | above resting vs no checkpointing |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
 
     for name, row in rows.items():
         versus = f'{(row["peak"] - row["before"]) / (reference["peak"] - reference["before"]):.2f}x' if reference else '-'
-        print(f'| {name} | {gib(row["peak"])} | {gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
+        versus_limit = f'{row["peak"] / limit["peak"]:.2f}x' if limit else '-'
+        # the same limit, with the frozen bytes this row holds in place of the whole float32 models
+        versus_own = f'{row["peak"] / (limit["peak"] - limit["frozen"] + row["frozen_held"]):.2f}x' if limit else '-'
+        print(f'| {name} | {gib(row["peak"])} | {versus_limit} | {gib(row["frozen_held"])} | {row["frozen_held"] / row["frozen"]:.2f}x | {versus_own} | '
+              f'{gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
+
+    for name, row in results.items():
+        for rank, one in enumerate(row.get('ranks', [])):
+            print(f'{name}, rank {rank}: peak {gib(one["peak"])}, resting {gib(one["before"])}, frozen held {gib(one["frozen_held"])} of {gib(one["frozen"])}, kept for backward {gib(one["saved"])}')
 
 if __name__ == '__main__':
     main()

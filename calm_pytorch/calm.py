@@ -188,11 +188,13 @@ class CALM(GradientCheckpointing, CompositionInit, Module):
 
         self.cross_attns.to(device = model_device(anchor_llm), dtype = resolve_composition_dtype(composition_dtype, anchor_llm))
 
-        # freeze the models, remembering their state so that removing the hooks restores them
+        # freeze the models, remembering their state so that removing the hooks restores them;
+        # flags by name, not by parameter object: a record of the objects would keep whole weights
+        # alive after FSDP sharding or quantization replaced them
 
         frozen = [anchor_llm, *self.augments]
         self._frozen_state = [
-            (module, module.training, [(param, param.requires_grad) for param in module.parameters()])
+            (module, module.training, {name: param.requires_grad for name, param in module.named_parameters()})
             for module in frozen
         ]
 
@@ -252,8 +254,9 @@ class CALM(GradientCheckpointing, CompositionInit, Module):
 
         for module, training, flags in self._frozen_state:
             module.train(training)
-            for param, requires_grad in flags:
-                param.requires_grad_(requires_grad)
+            for name, param in module.named_parameters():
+                if name in flags:
+                    param.requires_grad_(flags[name])
 
         self.hooks_removed = True
 

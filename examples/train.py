@@ -20,6 +20,7 @@ import torch
 from x_transformers import Decoder, TransformerWrapper
 
 from calm_pytorch import CALM, AugmentParams, FineTuner
+from calm_pytorch.fsdp import local_and_global_numel
 
 NUM_TOKENS = 256
 SEQ_LEN = 32
@@ -116,6 +117,8 @@ def main():
         path = calm.save(args.out / 'composition.safetensors')
         size = path.stat().st_size / 2 ** 20
         print(f'processes {trainer.distributed.world_size}, samples per step {trainer.samples_per_step}')
+        local, total = map(sum, zip(*(local_and_global_numel(model) for model in (calm.anchor, *calm.augments))))
+        print(f'frozen parameters held by this process: {local:,} of {total:,} ({args.strategy})')
         if len(history) > 0:
             print(f'loss {history[0]["loss"]:.3f} at step {history[0]["step"]} -> {history[-1]["loss"]:.3f} at step {history[-1]["step"]}')
         print(f'composition saved to {path} ({size:.2f} MiB; the frozen models are not in it)')

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).parent.parent / 'examples'
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / 'examples'
 
 def test_xtransformers_example_trains(monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['train_xtransformers.py', '--steps', '30'])
@@ -28,3 +31,26 @@ def test_hf_trainer_example_trains_saves_and_reloads(monkeypatch, capsys, tmp_pa
     # periodic checkpoints and the final save hold the composition, not the frozen models
     assert sorted(path.name for path in (tmp_path / 'final').iterdir()) == ['composition.safetensors', 'training_args.bin']
     assert (tmp_path / 'checkpoint-30' / 'composition.safetensors').is_file() and not (tmp_path / 'checkpoint-30' / 'model.safetensors').exists()
+
+def test_train_example_under_torchrun_with_sharded_frozen_models(tmp_path):
+    # two processes on CPU (gloo), as the docs tell users to start them; --standalone picks a free port
+    command = [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(EXAMPLES / 'train.py'),
+        '--strategy', 'fsdp', '--steps', '2', '--batch-size', '4', '--warmup', '1', '--checkpoint-every', '1', '--eval-every', '2', '--out', str(tmp_path)
+    ]
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(command, env = env, capture_output = True, text = True, timeout = 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # rank 0 alone reports and writes: one composition, reloaded with the same logits
+    out = result.stdout
+    assert out.count('processes 2, samples per step 8') == 1
+    assert re.search(r'loss [0-9.]+ at step 1 -> [0-9.]+ at step 2', out)
+    assert out.count('reloaded: logits equal') == 1
+
+    # and it held half of the frozen weights, give or take the rounding of odd-sized shards
+    local, total = (int(number.replace(',', '')) for number in re.search(r'frozen parameters held by this process: ([0-9,]+) of ([0-9,]+) \(fsdp\)', out).groups())
+    assert 0.45 * total <= local <= 0.55 * total
+
+    assert (tmp_path / 'composition.safetensors').is_file()
+    assert sorted(path.name for path in (tmp_path / 'checkpoints').iterdir()) == ['step-00000001', 'step-00000002']

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -77,8 +79,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
 
     calm = build(hf_anchor = True)
     before = frozen(calm)
+    whole = [weakref.ref(param) for model in (calm.anchor, *calm.augments) for param in model.parameters()]
 
     tuner = finetuner(calm, batch_size = 2, strategy = 'fsdp', checkpoint_dir = os.path.join(out_dir, 'run'), checkpoint_every = 2)
+    gc.collect()
+    results.update(whole_alive = sum(ref() is not None for ref in whole), whole_count = len(whole))
     tuner.train()
 
     with torch.no_grad():
@@ -179,6 +184,11 @@ def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(r
         assert max(local0, local1) <= 0.55 * total, (local0, local1, total)
 
     assert all(rank['resharded'] and rank['straight_resharded'] for rank in ranks)
+
+    # the whole parameters are gone once sharded: nothing (the CALM's memory of the requires_grad
+    # flags it restores on removal included) keeps a full copy of the frozen weights alive
+    for rank in ranks:
+        assert rank['whole_count'] > 0 and rank['whole_alive'] == 0
 
 def test_fsdp_refuses_trained_anchor_parameters():
     calm = build(hf_anchor = True)

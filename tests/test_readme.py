@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from calm_pytorch import read_wiring
+
 ROOT = Path(__file__).parent.parent
 README = ROOT / 'README.md'
 PAGES = [README, *sorted((ROOT / 'docs').glob('*.md'))]
@@ -60,6 +62,7 @@ def check_models(ns: dict, tmp_path: Path):
 
 def check_generation(ns: dict, tmp_path: Path):
     assert ns['new_tokens'].shape == (2, 8) and ns['cached'].shape == (2, 8)
+    assert [tokens.shape for tokens in ns['together']] == [(1, 4), (1, 4)]
 
 def check_precision(ns: dict, tmp_path: Path):
     assert torch.isfinite(ns['autocast_loss'])
@@ -84,6 +87,15 @@ def check_checkpoints(ns: dict, tmp_path: Path):
 
     assert len(ns['wiring']['augments'][0]['connections']) == 3
 
+    # the identity printed on the page, and the refusal over other weights, then the opt-out
+    identity = read_wiring(tmp_path / 'runs' / 'small.safetensors')['models']['anchor']
+    assert sorted(identity) == ['dtypes', 'layers', 'model', 'tensors', 'unread', 'vocab_size', 'weights', 'widths']
+    assert (identity['model'], identity['layers'], identity['vocab_size'], identity['widths']) == ('TransformerWrapper', 4, 256, [64])
+    assert 'anchor: its weights differ' in ns['refusal'] and 'augment 0' not in ns['refusal']
+
+    for saved, loaded in zip(ns['small'].cross_attns.parameters(), ns['over_other'].cross_attns.parameters()):
+        assert torch.equal(saved, loaded)
+
 def check_training(ns: dict, tmp_path: Path):
     assert len(ns['history']) == 4 and all(torch.isfinite(torch.tensor(step['loss'])) for step in ns['history'])
     assert (tmp_path / 'runs' / 'calm' / 'step-00000004' / 'composition.safetensors').exists()
@@ -93,6 +105,13 @@ def check_huggingface(ns: dict, tmp_path: Path):
     assert torch.equal(ns['plain'], ns['anchor'].generate(ns['input_ids'], max_new_tokens = 8, do_sample = False))
     assert len(ns['calm'].anchor_adapter.layers) == 4
 
+def check_scaling(ns: dict, tmp_path: Path):
+    assert len(ns['history']) == 2 and all(torch.isfinite(torch.tensor(step['loss'])) for step in ns['history'])
+    assert (tmp_path / 'composition.safetensors').exists()
+    # the frozen models stayed quantized: no Linear holds a plain float weight
+    linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
+
 CHECKS = {
     'README.md': check_readme,
     'docs/models.md': check_models,
@@ -101,6 +120,7 @@ CHECKS = {
     'docs/checkpoints.md': check_checkpoints,
     'docs/training.md': check_training,
     'docs/huggingface.md': check_huggingface,
+    'docs/scaling.md': check_scaling,
 }
 
 PAGES_WITH_SNIPPETS = [page for page in PAGES if len(python_snippets(page)) > 0]
@@ -154,6 +174,10 @@ def test_relative_links_point_to_existing_files(page):
             broken.append(f'{target}: no heading #{fragment} in {name(file)}')
 
     assert broken == []
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.partition('#')[0]).resolve() for target in relative_links(README)}
+    assert [name(page) for page in PAGES[1:] if page.resolve() not in linked] == []
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / '.ci' / 'run').read_text()

@@ -1,6 +1,6 @@
 """Aligned mode across tokenizers on a real pair: SmolLM2-135M (anchor, a 49k byte-level BPE) and
 Gemma-3-270M (augment, a 262k SentencePiece BPE with byte fallback and a <bos>) reading the same
-text. Slow (Gemma's first load dequantizes its GGUF file, ~100 s): run with CALM_REAL_SLOW=1. The
+text. Slow (Gemma's first load dequantizes its GGUF file, ~100 s): run with CALM_SLOW_TESTS=1 (CI does). The
 loaders are examples/real_models.py (session-cached, offline, from the real-model packages)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch import nn
 
 from calm_pytorch import CALM, AugmentParams
 
-if os.environ.get('CALM_REAL_SLOW') != '1':
-    pytest.skip('the real cross-tokenizer pair loads Gemma-3-270M (minutes): set CALM_REAL_SLOW=1 to run it', allow_module_level = True)
+if os.environ.get('CALM_SLOW_TESTS') != '1':
+    pytest.skip('the real cross-tokenizer pair loads Gemma-3-270M (minutes): set CALM_SLOW_TESTS=1 to run it', allow_module_level = True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 real_models = pytest.importorskip('real_models')
@@ -92,5 +92,20 @@ def test_cached_generation_equals_uncached_and_the_forward(calm):
                 expected = calm(torch.cat((prompt, cached[row, :step]))[None], return_loss = False)[0, -1]
             worst = max(worst, (logits[row] - expected).abs().max().item())
 
-    print(f'cached steps against the forward: largest difference {worst:.2e}; texts: {anchor_tokenizer.batch_decode(cached)}')
-    assert worst < 1e-4
+    # the float32 floor: SmolLM2 alone, decoding the same tokens with its KV cache, differs from
+    # its own full forward by ~6e-5 (other matmul shapes), so the issue's 1e-5 is out of reach for
+    # any composition over it; the composition must add nothing beyond that
+    floor = 0.
+    for row, prompt in enumerate(prompts):
+        tokens = torch.cat((prompt, cached[row]))[None]
+        with torch.no_grad():
+            full = calm.anchor(tokens).logits[0]
+            step = calm.anchor(tokens[:, :len(prompt)], use_cache = True)
+            cache = step.past_key_values
+            for index in range(len(prompt), tokens.shape[-1]):
+                step = calm.anchor(tokens[:, index:index + 1], past_key_values = cache, use_cache = True)
+                cache = step.past_key_values
+                floor = max(floor, (step.logits[0, -1] - full[index]).abs().max().item())
+
+    print(f'cached steps against the forward: largest difference {worst:.2e} (SmolLM2 alone: {floor:.2e}); texts: {anchor_tokenizer.batch_decode(cached)}')
+    assert worst <= max(2 * floor, 1e-5)

