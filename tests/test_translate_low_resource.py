@@ -62,7 +62,7 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, monkeypatch):
 
     result = example.main(['--quick', '--out', str(tmp_path), '--threads', '1'])
 
-    assert set(result['scores']) == {system for system, _ in example.SYSTEMS}
+    assert set(result['scores']) == set(result['shuffled_scores']) == {system for system, _ in example.SYSTEMS}
     assert all(0 <= score <= 100 for scores in result['scores'].values() for score in scores.values())
     assert result['num_eval'] == 6
 
