@@ -401,7 +401,7 @@ def source_gains(result: dict, system: str) -> list[float]:
 
 def table(result: dict) -> str:
     def cell(values: list[float]) -> str:
-        if len(values) == 1:
+        if len(set(values)) == 1:  # one seed, or a row that does not depend on it
             return f'{values[0]:.1f}'
         return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}'
 
@@ -429,12 +429,12 @@ def plot(result: dict, path: Path):
     bars.barh(range(len(names)), means, color = colors)
 
     shuffled = [statistics.mean(result['shuffled_scores'][system].values()) for system, _ in SYSTEMS]
-    bars.scatter(shuffled, range(len(names)), color = 'black', marker = '|', s = 200, zorder = 3, label = 'against shuffled references')
-    bars.legend(fontsize = 7, loc = 'lower right')
+    bars.scatter(shuffled, range(len(names)), color = 'black', marker = '|', s = 200, zorder = 3)
+    bars.set_title('bars: chrF (dots: seeds); ticks: against shuffled references', fontsize = 8)
 
     for row, scores in enumerate(values):
         bars.scatter(scores, [row] * len(scores), color = 'black', s = 10, zorder = 3)
-        bars.text(means[row] + 0.5, row, f'{means[row]:.1f}', va = 'center', fontsize = 8)
+        bars.text(max(scores) + 0.5, row, f'{means[row]:.1f}', va = 'center', fontsize = 8)
 
     bars.set_yticks(range(len(names)), names, fontsize = 8)
     bars.invert_yaxis()
