@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED_FOLDERS = ('tests', 'docs', 'examples', 'benchmarks')
-NEEDED_FILES = ('README.md', 'CHANGELOG.md', 'LICENSE', '.ci/run', 'pyproject.toml')
+NEEDED_FILES = ('README.md', 'CHANGELOG.md', 'LICENSE', '.ci/run', '.ci/check_layout.py', 'pyproject.toml')
 
 def needed() -> set[str]:
     files = set(NEEDED_FILES)

@@ -1,5 +1,5 @@
 """Time of the frozen-model fingerprint saved with every composition checkpoint
-(calm_pytorch/fingerprint.py), on Llama-like models built from configs (random weights, CPU).
+(calm_pytorch/checkpoints/fingerprint.py), on Llama-like models built from configs (random weights, CPU).
 
     python benchmarks/fingerprint.py
 
@@ -13,7 +13,7 @@ import time
 import torch
 import transformers
 
-from calm_pytorch.fingerprint import frozen_tensors, model_identity
+from calm_pytorch.checkpoints.fingerprint import frozen_tensors, model_identity
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()

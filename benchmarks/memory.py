@@ -32,7 +32,7 @@ Variants are a list (`VARIANTS`): a row is a name, a function changing the froze
 they are composed, one preparing the composition, and a launcher (default: one subprocess).
 
 - 'fsdp (2 processes)': two subprocesses joined by gloo (as torchrun would start them), the frozen
-  models sharded by `calm_pytorch.fsdp.shard_frozen_models` (what `FineTuner(strategy = 'fsdp')`
+  models sharded by `calm_pytorch.training.fsdp.shard_frozen_models` (what `FineTuner(strategy = 'fsdp')`
   calls), the replicated composition's gradients averaged as the FineTuner does; the row is the
   larger of the two processes' peaks. Each process builds the whole models before sharding them
   (that transient is before the measured step).
@@ -103,8 +103,8 @@ def checkpointed(calm, then = lambda calm: None):
 def shard(calm):
     # what FineTuner(strategy = 'fsdp') does: shard the frozen models, replicate the composition,
     # and average its gradients over the processes once per step
-    from calm_pytorch.distributed import setup_distributed
-    from calm_pytorch.fsdp import average_gradients, shard_frozen_models
+    from calm_pytorch.training.distributed import setup_distributed
+    from calm_pytorch.training.fsdp import average_gradients, shard_frozen_models
 
     distributed = setup_distributed('cpu')
     shard_frozen_models(calm, distributed)

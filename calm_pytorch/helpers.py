@@ -1,3 +1,9 @@
+"""Small helpers every room uses: `exists`, `default`, `cast_tuple`, the `typecheck` of the public
+boundary, and `PerThread` state for hook objects.
+
+May import: nothing
+"""
+
 from __future__ import annotations
 
 import threading

@@ -20,7 +20,7 @@ import torch
 from x_transformers import Decoder, TransformerWrapper
 
 from calm_pytorch import CALM, AugmentParams, FineTuner
-from calm_pytorch.fsdp import local_and_global_numel
+from calm_pytorch.training.fsdp import local_and_global_numel
 
 NUM_TOKENS = 256
 SEQ_LEN = 32

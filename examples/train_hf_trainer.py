@@ -19,7 +19,7 @@ import transformers
 from transformers import TrainingArguments, default_data_collator
 
 from calm_pytorch import CALM, AugmentParams
-from calm_pytorch.hf_trainer import CALMTrainer
+from calm_pytorch.training.hf_trainer import CALMTrainer
 
 NUM_TOKENS = 64
 QUESTION = [1, 3, 4, 5]  # a fixed question; the answer follows it

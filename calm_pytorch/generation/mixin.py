@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from calm_pytorch.composition.inputs import check_usable, per_augment
+from calm_pytorch.generation.composed_anchor import composed_anchor
+from calm_pytorch.generation.decoding import generate
+from calm_pytorch.generation.prompts import check_total_length, new_token_count, prepare_prompt
+from calm_pytorch.generation.sampling import check_sampling
+from calm_pytorch.helpers import exists, typecheck
+
+class GenerationMixin:
+    """Mixin giving CALM its two ways to generate: its own decoding loop (`generate`), and the
+    anchor's own `generate()` composed (`composed`)."""
+
+    @torch.no_grad()
+    @typecheck
+    def generate(
+        self,
+        prompt: Tensor | Sequence[Tensor],
+        seq_len: int | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        prompt_mask: Tensor | None = None,
+        augment_prompt: Tensor | Sequence[Tensor | None] | None = None,
+        augment_prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
+        temperature: float = 1.,
+        filter_fn: Callable[[Tensor], Tensor] | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        use_cache: bool = True,
+        show_progress: bool | None = None
+    ) -> Tensor:
+        """Continues `prompt` through the composition; returns the new tokens (b, n_new).
+
+        prompt:              (b, n) token ids, or a list of 1-d prompts of different lengths
+                             (left-padded here)
+        seq_len:             total length, prompt included; or give `max_new_tokens` (exactly one)
+        prompt_mask:         (b, n) True for real tokens of a left-padded `prompt`
+        augment_prompt:      context mode: the augments' input (one, or one per augment; None there
+                             means aligned). Without it every augment reads the sequence being
+                             generated (aligned mode)
+        augment_prompt_mask: (b, m) True for real positions of `augment_prompt` (right-padded)
+        temperature:         divides the logits; 0 is greedy
+        filter_fn, top_k, top_p, min_p: applied to the tempered logits in that order
+                             (see `calm_pytorch.generation.sampling.sample`)
+        eos_id:              a row ends at its first `eos_id`; `pad_id` follows it, and generation
+                             stops once every row has ended
+        pad_id:              fills rows after their eos (default: the CALM's pad_id, or 0 if negative)
+        use_cache:           decode one token per step with KV caches (anchor and each aligned
+                             augment separately, context keys and values projected once);
+                             False recomputes the whole composition every step (for checking)
+        show_progress:       a progress bar; None shows it for 256 new tokens or more on a terminal"""
+
+        check_usable(self)
+        prompt, prompt_mask = prepare_prompt(self, prompt, prompt_mask)
+        num_new = new_token_count(prompt.shape[-1], seq_len, max_new_tokens)
+        check_sampling(temperature, top_k, top_p, min_p)
+
+        num_augments = len(self.augments)
+        augment_prompts = per_augment(augment_prompt, num_augments, 'augment_prompt')
+        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'augment_prompt_mask')
+        check_total_length(self, prompt.shape[-1] + num_new, augment_prompts)
+
+        return generate(
+            self,
+            prompt,
+            prompt_mask,
+            num_new,
+            augment_prompts = augment_prompts,
+            augment_prompt_masks = augment_prompt_masks,
+            temperature = temperature,
+            filter_fn = filter_fn,
+            top_k = top_k,
+            top_p = top_p,
+            min_p = min_p,
+            eos_id = eos_id,
+            pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
+            use_cache = use_cache,
+            show_progress = show_progress
+        )
+
+    @typecheck
+    def composed(
+        self,
+        prompt: Tensor | Sequence[Tensor | None],
+        prompt_mask: Tensor | Sequence[Tensor | None] | None = None
+    ) -> AbstractContextManager[Module]:
+        """A context in which the anchor itself is composed (context mode): the augments read
+        `prompt` once, and every anchor call inside, its own `generate()` included (cache, beams,
+        sampling, num_return_sequences), cross-attends to them. Yields the anchor; on exit, even by
+        an exception, the anchor is plain again.
+
+            with calm.composed(prompt = document, prompt_mask = document_mask) as anchor:
+                out = anchor.generate(input_ids, max_new_tokens = 20)"""
+
+        return composed_anchor(self, prompt, prompt_mask)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from calm_pytorch.composition.inputs import check_mask, check_tokens
+from calm_pytorch.composition.protocol import Composition
+from calm_pytorch.helpers import exists
+
+# the prompts of `generate`, checked before anything runs
+
+def left_pad(prompts: Sequence[Tensor], pad_value: int = 0) -> tuple[Tensor, Tensor]:
+    """1-d prompts of different lengths -> (b, n) tokens, left-padded, and their mask (b, n)."""
+
+    if len(prompts) == 0 or any(not isinstance(p, Tensor) or p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise ValueError('a list of prompts must hold non-empty 1-d tensors of token ids')
+
+    length = max(p.shape[0] for p in prompts)
+    tokens = torch.stack([F.pad(p, (length - p.shape[0], 0), value = pad_value) for p in prompts])
+    mask = torch.stack([F.pad(torch.ones_like(p, dtype = torch.bool), (length - p.shape[0], 0), value = False) for p in prompts])
+    return tokens, mask
+
+def check_left_padded(mask: Tensor):
+    # real tokens must be right-aligned: the next token is written at the same position for every row
+    if mask.shape[-1] > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError('`prompt_mask` must be left-padded (False before the first real token, True after); right-padded prompts would continue after their padding')
+
+    if not bool(mask[:, -1].all()):
+        raise ValueError('`prompt_mask` has a row without any real token; every prompt needs at least one')
+
+def prepare_prompt(calm: Composition, prompt: Tensor | Sequence[Tensor], prompt_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A prompt tensor (b, n) or a list of 1-d prompts -> left-padded tokens and their mask, both
+    checked; the mask is None when nothing is padded."""
+
+    if not isinstance(prompt, Tensor):
+        if exists(prompt_mask):
+            raise ValueError('`prompt_mask` is for a padded prompt tensor; a list of prompts is padded here and needs none')
+
+        prompt, prompt_mask = left_pad(list(prompt))
+
+    check_tokens(prompt, 'prompt')
+
+    if exists(prompt_mask):
+        prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
+        check_left_padded(prompt_mask)
+
+        if bool(prompt_mask.all()):
+            prompt_mask = None
+
+    calm.anchor_adapter.check_token_ids(prompt, 'prompt', prompt_mask)  # padding is never read
+    return prompt, prompt_mask
+
+def new_token_count(prompt_len: int, seq_len: int | None, max_new_tokens: int | None) -> int:
+    if exists(seq_len) == exists(max_new_tokens):
+        raise ValueError('pass exactly one of `seq_len` (total length, prompt included) and `max_new_tokens`')
+
+    num_new = max_new_tokens if exists(max_new_tokens) else seq_len - prompt_len
+
+    if num_new < 1:
+        raise ValueError(f'nothing to generate: `seq_len`={seq_len} is not longer than the prompt ({prompt_len} tokens)' if exists(seq_len) else f'`max_new_tokens` must be at least 1, got {max_new_tokens}')
+
+    return num_new
+
+def check_total_length(calm: Composition, total: int, augment_prompts: list):
+    # every position generated must fit the anchor, and each augment reading the sequence
+    full_length = torch.empty((1, total))
+    calm.anchor_adapter.check_length(full_length, 'prompt + new tokens')
+
+    for index, (adapter, aligned_prompt) in enumerate(zip(calm.augment_adapters, augment_prompts)):
+        if not exists(aligned_prompt) and not exists(calm.augment_texts[index]):
+            adapter.check_length(full_length, 'prompt + new tokens')

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from torch import Tensor
+from torch.nn import Module
+
+from calm_pytorch.helpers import exists
+from calm_pytorch.models.adapter import DecodeState, Layer, ModelAdapter, left_pad_offsets
+from calm_pytorch.models.sites import Site
+
+class XTransformersAdapter(ModelAdapter):
+    """x-transformers TransformerWrapper (Decoder or Encoder). Its layer list alternates attention
+    and feedforward sublayers, each a (norms, branch, residual) triple: a block ends with the
+    residual of its feedforward, and the input of block 1 is the input of `attn_layers`."""
+
+    @staticmethod
+    def matches(model: Module) -> bool:
+        from x_transformers.x_transformers import AttentionLayers
+        return isinstance(getattr(model, 'attn_layers', None), AttentionLayers)
+
+    def __init__(self, model: Module, **kwargs):
+        super().__init__(model, **kwargs)
+
+        from x_transformers.x_transformers import AbsolutePositionalEmbedding
+
+        if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
+            self.max_seq_len = model.max_seq_len
+
+        # a ContinuousTransformerWrapper reads vectors and has no vocabulary
+        num_tokens = getattr(model, 'num_tokens', None)
+        self.vocab_size = num_tokens if isinstance(num_tokens, int) and not exists(self.input_shape) else None
+
+    @property
+    def can_cache(self) -> bool:
+        return bool(getattr(self.model, 'can_cache_kv', False))
+
+    def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
+        # left padding goes in as `seq_start_pos`, as in x-transformers' own generate: positions
+        # are shifted so each row starts at 0, and the padded keys are masked
+        seq_start_pos = left_pad_offsets(mask)
+
+        if not exists(state) or not self.can_cache:
+            return self.model(tokens, seq_start_pos = seq_start_pos)
+
+        from x_transformers.x_transformers import LayerIntermediates
+
+        # the cache is collected from the attention modules as they run instead of taken from the
+        # return value, which a recorder that stops the forward early never lets us see. Layers
+        # above the stop never run, now or at any later step, so their missing cache is never read
+        attn_layers = self.model.attn_layers
+        attentions = [attn_layers.layers[i][1] for i, layer_type in enumerate(attn_layers.layer_types) if layer_type == 'a']
+        captured = []
+        thread = threading.get_ident()
+
+        def capture(module, args, output):
+            # the attention modules are shared: another thread decoding meanwhile keeps its own cache
+            if threading.get_ident() != thread:
+                return
+
+            output[1].layer_type = 'a'
+            captured.append(output[1])
+
+        start = state.length
+        handles = [attention.register_forward_hook(capture) for attention in dict.fromkeys(attentions)]
+
+        try:
+            return self.model(
+                tokens[:, start:],
+                cache = state.cache,
+                seq_start_pos = seq_start_pos,
+                input_not_include_cache = True  # only new positions go in, so hooks see only them
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+            state.cache = LayerIntermediates(attn_intermediates = captured, cache_length = tokens.shape[-1])
+            state.length = tokens.shape[-1]
+
+    def crop(self, state: DecodeState, length: int):
+        if not exists(state.cache) or length == 0:
+            state.cache, state.length = None, 0
+            return
+
+        # each attention layer caches keys and values (b, h, n, d)
+        for intermediate in state.cache.attn_intermediates:
+            intermediate.cached_kv = tuple(t[..., :length, :] for t in intermediate.cached_kv)
+
+        state.cache.cache_length = state.length = min(state.length, length)
+
+    def find_layers(self) -> list[Layer]:
+        attn_layers = self.model.attn_layers
+        order = attn_layers.layers_execute_order
+        layer_types = [attn_layers.layer_types[i] for i in order]
+        residuals = [attn_layers.layers[i][2] for i in order]
+
+        # a block ends after each feedforward; a stack without feedforwards has one block per sublayer
+
+        ends = [i for i, layer_type in enumerate(layer_types) if layer_type == 'f'] or list(range(len(layer_types)))
+
+        outputs = [Site(residuals[end], 'output') for end in ends]
+        inputs = [Site(attn_layers, 'input'), *outputs[:-1]]
+
+        # a layer's computation is the branches (attention, feedforward) of its sublayers; the
+        # residual modules carrying our hooks stay outside them
+        branches = [attn_layers.layers[i][1] for i in order]
+        starts = [0, *(end + 1 for end in ends[:-1])]
+        self.branches = {output.key: branches[start:end + 1] for output, start, end in zip(outputs, starts, ends)}
+
+        return [Layer(input, output) for input, output in zip(inputs, outputs)]
+
+    def checkpoint_units(self) -> list[list[Module]]:
+        branches = getattr(self, 'branches', {})
+        return [branches.get(layer.output.key, [layer.output.module]) for layer in self.layers]

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Any
+
+from calm_pytorch.helpers import exists
+
+# the two tokenizers of aligned mode across tokenizers (see text/alignment.py): the anchor's
+# decodes its token ids to text, the augment's encodes that text its own way
+
+class AnchorText:
+    """The anchor's tokenizer, seen as `decode`: token ids -> text. A transformers tokenizer, a
+    `tokenizers.Tokenizer`, or any object with `decode(ids) -> str`."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+        if not callable(getattr(tokenizer, 'decode', None)):
+            raise TypeError(f'`anchor_tokenizer` must offer `decode(ids) -> str` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
+
+    def decode_batch(self, sequences: list[list[int]]) -> list[str]:
+        tokenizer = self.tokenizer
+
+        if callable(getattr(tokenizer, 'batch_decode', None)):
+            # transformers: no clean-up, which would rewrite " ." as "." depending on what follows
+            return tokenizer.batch_decode(sequences, skip_special_tokens = True, clean_up_tokenization_spaces = False)
+
+        if callable(getattr(tokenizer, 'decode_batch', None)):
+            return tokenizer.decode_batch(sequences, skip_special_tokens = True)  # tokenizers.Tokenizer
+
+        return [tokenizer.decode(ids) for ids in sequences]
+
+class AugmentText:
+    """The augment's tokenizer, seen as `encode`: text -> token ids. A transformers tokenizer or a
+    `tokenizers.Tokenizer` (the special tokens it puts before a text, such as a BOS, are kept; those
+    after it, such as BERT's [SEP], are left out: the text is still being read), or any object with
+    `encode(text) -> list[int]`, used as it is."""
+
+    def __init__(self, tokenizer: Any, name: str):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.kind = 'transformers' if callable(getattr(tokenizer, 'batch_decode', None)) else 'tokenizers' if callable(getattr(tokenizer, 'encode_batch', None)) else 'plain'
+
+        if self.kind == 'plain' and not callable(getattr(tokenizer, 'encode', None)):
+            raise TypeError(f'`{name}` must offer `encode(text) -> list[int]` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
+
+        self.prefix = self.leading_special_tokens() if self.kind != 'plain' else []
+
+    def raw_encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if self.kind == 'transformers':
+            return self.tokenizer(texts, add_special_tokens = add_special_tokens)['input_ids']
+
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens = add_special_tokens)]
+
+    def leading_special_tokens(self) -> list[int]:
+        # what the tokenizer puts before a text: compare a text with and without its special tokens
+        with_special, plain = (self.raw_encode(['a'], flag)[0] for flag in (True, False))
+        start = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i:i + len(plain)] == plain), 0)
+        return with_special[:start]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == 'plain':
+            return [list(self.tokenizer.encode(text)) for text in texts]
+
+        return [self.prefix + ids for ids in self.raw_encode(texts, False)]
+
+def same_vocabulary(anchor_tokenizer: Any, augment_tokenizer: Any) -> bool:
+    """An augment whose tokenizer has the anchor's vocabulary reads the anchor's ids themselves."""
+
+    if anchor_tokenizer is augment_tokenizer:
+        return True
+
+    get_vocab = [getattr(tokenizer, 'get_vocab', None) for tokenizer in (anchor_tokenizer, augment_tokenizer)]
+    return all(callable(fn) for fn in get_vocab) and get_vocab[0]() == get_vocab[1]()
+
+def text_readers(anchor_tokenizer: Any, augment_tokenizers: list[Any]) -> tuple[AnchorText | None, list[AugmentText | None]]:
+    """What CALM keeps: the anchor's decoder, and per augment its encoder, or None where the augment
+    reads the anchor's ids (no tokenizer of its own, or the anchor's vocabulary)."""
+
+    given = [index for index, tokenizer in enumerate(augment_tokenizers) if exists(tokenizer)]
+
+    if len(given) > 0 and not exists(anchor_tokenizer):
+        raise ValueError(f'augment(s) {given} have a `tokenizer`, so they read the anchor\'s text tokenized their own way; pass the anchor\'s tokenizer too: `CALM(..., anchor_tokenizer=...)`')
+
+    readers = [
+        AugmentText(tokenizer, f'augment_llms[{index}].tokenizer') if exists(tokenizer) and not same_vocabulary(anchor_tokenizer, tokenizer) else None
+        for index, tokenizer in enumerate(augment_tokenizers)
+    ]
+
+    return (AnchorText(anchor_tokenizer) if exists(anchor_tokenizer) else None), readers

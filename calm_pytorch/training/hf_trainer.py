@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn import Module
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from calm_pytorch.calm import CALM
+from calm_pytorch.helpers import exists
+from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
+
+# Hugging Face Trainer and Accelerate, saving what a composition learned and nothing else.
+#
+# Trainer trains a CALM as it is (CALM's forward takes `input_ids`, `attention_mask`, `labels`
+# and returns `.loss` and `.logits`), but it saves a model that is not a `PreTrainedModel` as
+# `model.state_dict()` in one safetensors file: every frozen weight, written again at every
+# checkpoint, and a crash when a frozen model ties its embeddings (two names, one tensor).
+# transformers 5.23 offers no hook for what a model saves (`Trainer._save` calls
+# `save_pretrained` on transformers and PEFT models only, else `state_dict()`; a callback runs
+# after the save, too late to prevent the crash), and `state_dict()` keeps its standard meaning,
+# so `CALMTrainer` overrides the three places that write or read model weights. Optimizer,
+# scheduler, RNG and trainer state stay Trainer's own files.
+
+class CALMTrainer(Trainer):
+    """`transformers.Trainer` for a CALM. Training is Trainer's own; `save_model()`, the periodic
+    checkpoints and the best model hold the composition only (`composition.safetensors`, written by
+    `calm.save`: the cross-attention weights, any anchor parameters the user left trainable such as
+    LoRA weights, and the wiring), and `train(resume_from_checkpoint = ...)` and
+    `load_best_model_at_end` read it back with `calm.load`."""
+
+    def unwrapped_calm(self, model: Module | None = None) -> CALM:
+        # DistributedDataParallel and torch.compile wrap the module they are given
+        model = self.accelerator.unwrap_model(model if exists(model) else self.model, keep_torch_compile = False)
+
+        if not isinstance(model, CALM):
+            raise TypeError(f'CALMTrainer trains a CALM, got {type(model).__name__}; use transformers.Trainer for other models')
+
+        return model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        # state_dict: Trainer gathers one under FSDP / DeepSpeed; the composition is read from the model
+        if not self.args.should_save:
+            return
+
+        output_dir = Path(output_dir if exists(output_dir) else self.args.output_dir)
+        output_dir.mkdir(parents = True, exist_ok = True)
+
+        self.unwrapped_calm().save(output_dir / COMPOSITION_FILE)
+
+        if exists(self.processing_class):
+            self.processing_class.save_pretrained(output_dir)
+
+        torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Module | None = None):
+        path = Path(resume_from_checkpoint) / COMPOSITION_FILE
+
+        if not path.is_file():
+            raise FileNotFoundError(f'{resume_from_checkpoint} holds no {COMPOSITION_FILE}: resume from a checkpoint written by CALMTrainer')
+
+        self.unwrapped_calm(model).load(path)
+
+    def _load_best_model(self):
+        self.unwrapped_calm().load(Path(self.state.best_model_checkpoint) / COMPOSITION_FILE)
+
+# Accelerate: `accelerator.save_state` / `load_state` write each prepared model's `state_dict()`.
+# Accelerate's own extension point, a pair of pre-hooks, lets a composition be written by
+# `calm.save` instead and taken off the list Accelerate saves (or loads) itself.
+
+def composition_file(index: int) -> str:
+    return COMPOSITION_FILE if index == 0 else f'composition_{index}.safetensors'
+
+def register_accelerate_hooks(accelerator) -> tuple:
+    """Makes `accelerator.save_state(dir)` write every prepared CALM as a composition checkpoint
+    (`dir/composition.safetensors`, `composition_1.safetensors` for a second CALM, ...) and
+    `accelerator.load_state(dir)` load it back; optimizer, scheduler, RNG and other models stay
+    Accelerate's. Returns the two hook handles (`.remove()` them to undo)."""
+
+    def calms(models) -> list[tuple[int, CALM]]:
+        found = []
+
+        for index, model in enumerate(models):
+            model = accelerator.unwrap_model(model)
+            if isinstance(model, CALM):
+                found.append((index, model))
+
+        return found
+
+    def save_hook(models, weights, output_dir):
+        # under FSDP and DeepSpeed Accelerate saves models its own way and passes no weights
+        if len(weights) != len(models):
+            return
+
+        for index, calm in reversed(calms(models)):
+            if accelerator.is_main_process:
+                calm.save(Path(output_dir) / composition_file(index))
+
+            del weights[index]
+
+    def load_hook(models, input_dir):
+        for index, calm in reversed(calms(models)):
+            calm.load(Path(input_dir) / composition_file(index))
+            del models[index]
+
+    return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)
+
+__all__ = ['CALMTrainer', 'register_accelerate_hooks']
