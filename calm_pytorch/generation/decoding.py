@@ -25,7 +25,7 @@ from calm_pytorch.models.adapter import DecodeState
 # d - feature dimension
 # v - vocabulary
 
-# one generate call
+# one generate call: the state it keeps (ComposedDecoder), and the loop (generate)
 
 class ComposedDecoder:
     """The state of one `generate` call: a cache for the anchor, a separate cache for each aligned

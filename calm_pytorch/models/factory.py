@@ -15,7 +15,6 @@ from calm_pytorch.models.xtransformers import XTransformersAdapter
 def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdapter:
     # role ('anchor' or 'augment') matters to transformers models only: an augment's padding
     # mask also gives its position ids, and an encoder-decoder can only be an augment
-    # a PEFT-wrapped model is wired like its base model
     model = peft_base_model(model)
 
     if HFAdapter.matches(model):
