@@ -65,13 +65,16 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         sources = [importlib.import_module(f'{PACKAGE}.{new}') for new in MOVED[module.__name__.rpartition('.')[2]]]
 
-        # every name of each source, then again those each defines itself, so that a name one
-        # module imports never hides the one another module defines
+        # a name a source defines wins over the same name another source merely imports
         for source in sources:
-            module.__dict__.update({key: value for key, value in vars(source).items() if not key.startswith('__')})
+            for key, value in vars(source).items():
+                if key.startswith('__'):
+                    continue
 
-        for source in sources:
-            module.__dict__.update({key: value for key, value in vars(source).items() if getattr(value, '__module__', None) == source.__name__})
+                if getattr(value, '__module__', None) == source.__name__:
+                    module.__dict__[key] = value
+                else:
+                    module.__dict__.setdefault(key, value)
 
         exported = [name for source in sources for name in getattr(source, '__all__', ())]
 

@@ -188,4 +188,3 @@ def read_bytes(path: Path) -> bytes:
         raise FileNotFoundError(f'no composition checkpoint at {path}')
 
     return path.read_bytes()
-

@@ -127,5 +127,3 @@ class HiddenRecorder:
             handle.remove()
 
         self.handles.clear()
-
-
