@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from calm_pytorch.generation.kv_buffers import KVBuffer
 from calm_pytorch.generation.sampling import sample
 from calm_pytorch.generation.text_stream import TextStream
 from calm_pytorch.helpers import exists
-from calm_pytorch.models.adapter import DecodeState
+from calm_pytorch.models.adapter import DecodeState, ModelAdapter
 
 # axes
 # b - batch
@@ -26,6 +27,21 @@ from calm_pytorch.models.adapter import DecodeState
 # v - vocabulary
 
 # one generate call: the state it keeps (ComposedDecoder), and the loop (generate)
+
+def warn_once_if_recomputing(adapter: ModelAdapter):
+    # cached and recomputed decoding give the same tokens, so a model that silently lost its cache
+    # would only be slow: say so, once per model
+    reason = adapter.why_no_cache
+
+    if not exists(reason) or getattr(adapter, 'warned_recomputing', False):
+        return
+
+    adapter.warned_recomputing = True
+    warnings.warn(
+        f'{adapter.name} ({type(adapter.model).__name__}) cannot decode incrementally: {reason}. '
+        'generate recomputes its whole sequence at every step (same tokens, more work)',
+        stacklevel = 6  # the user's `calm.generate` (through the loop, no_grad and the mixin)
+    )
 
 class ComposedDecoder:
     """The state of one `generate` call: a cache for the anchor, a separate cache for each aligned
@@ -62,6 +78,13 @@ class ComposedDecoder:
         ]
 
         self.fixed: list[AugmentContext | None] = [None] * len(prompts)
+
+        if use_cache:
+            warn_once_if_recomputing(calm.anchor_adapter)
+
+            for index, aligned in enumerate(self.aligned):
+                if aligned:
+                    warn_once_if_recomputing(calm.augment_adapters[index])
 
         # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
         self.streams = [

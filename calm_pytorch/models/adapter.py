@@ -224,6 +224,11 @@ class ModelAdapter:
     def can_cache(self) -> bool:
         return False
 
+    @property
+    def why_no_cache(self) -> str | None:
+        """None for a model that decodes incrementally, else the reason it recomputes."""
+        return None if self.can_cache else 'calm_pytorch knows no cache interface of a custom module, so it calls it on the whole sequence'
+
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         """tokens: (b, n) the sequence so far, left-padded; mask: (b, n) True for real tokens.
         state:  None recomputes the whole sequence; a DecodeState is updated in place (even when

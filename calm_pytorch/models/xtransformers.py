@@ -36,6 +36,10 @@ class XTransformersAdapter(ModelAdapter):
     def can_cache(self) -> bool:
         return bool(getattr(self.model, 'can_cache_kv', False))
 
+    @property
+    def why_no_cache(self) -> str | None:
+        return None if self.can_cache else 'its `can_cache_kv` is False (x-transformers turns it off for features that cannot be cached)'
+
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         # left padding goes in as `seq_start_pos`, as in x-transformers' own generate: positions
         # are shifted so each row starts at 0, and the padded keys are masked
