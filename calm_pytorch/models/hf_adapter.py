@@ -145,6 +145,8 @@ class HFAdapter(ModelAdapter):
         super().__init__(model, name = name, input_shape = input_shape, mask_kwarg = mask_kwarg, **kwargs)
 
         self.max_seq_len = None if exists(self.input_shape) else learned_max_positions(model)
+        configured = getattr(text_config(model), 'max_position_embeddings', None)
+        self.configured_len = configured if isinstance(configured, int) and not exists(self.input_shape) else None
         self.vocab_size = vocab_size(self.target, model) if self.main_input == 'input_ids' else None
 
         # a decoder whose forward takes a cache decodes incrementally in generation. The keyword

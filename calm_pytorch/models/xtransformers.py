@@ -28,6 +28,8 @@ class XTransformersAdapter(ModelAdapter):
         if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
             self.max_seq_len = model.max_seq_len
 
+        self.configured_len = getattr(model, 'max_seq_len', None)
+
         # a ContinuousTransformerWrapper reads vectors and has no vocabulary
         num_tokens = getattr(model, 'num_tokens', None)
         self.vocab_size = num_tokens if isinstance(num_tokens, int) and not exists(self.input_shape) else None

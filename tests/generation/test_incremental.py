@@ -131,3 +131,13 @@ def test_a_model_that_cannot_decode_incrementally_is_named_once():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         calm.generate(prompt, max_new_tokens = 3)  # once per model
+
+@pytest.mark.parametrize('family', ('llama', 'gpt2'))
+def test_a_length_far_beyond_the_anchor_is_refused_before_anything_is_allocated(family):
+    # 10**12 positions would need terabytes: the length is checked as a number first. GPT-2 has
+    # learned positions (a hard limit), Llama rotary ones (the length its config was made for)
+    calm = CALM(ANCHORS[family](), AugmentParams(model = llama(), connections = ((1, 1),)), attn_kwargs = ATTN)
+    prompt, _ = prompts(padded = False)
+
+    with pytest.raises(ValueError, match = r'`prompt \+ new tokens` has length 1000000000008, but anchor_llm'):
+        calm.generate(prompt, max_new_tokens = 10 ** 12)
