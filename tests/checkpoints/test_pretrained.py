@@ -223,6 +223,10 @@ def test_calm_trainer_saves_the_directory_and_its_model_card(tmp_path):
 
     trainer = CALMTrainer(model = calm, args = args, train_dataset = rows)
     trainer.train()
+
+    # the card needs no saved directory; then save_model writes the directory, as push_to_hub does before its card
+    trainer.create_model_card(dataset = 'counting')
+    assert 'Trained with `CALMTrainer`' in (tmp_path / 'run' / 'README.md').read_text()
     trainer.save_model()
     trainer.create_model_card(dataset = 'counting')
 
