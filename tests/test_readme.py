@@ -112,6 +112,16 @@ def check_scaling(ns: dict, tmp_path: Path):
     linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
     assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
 
+def check_sharing(ns: dict, tmp_path: Path):
+    assert torch.equal(ns['reloaded_logits'], ns['logits'])
+    assert ns['xt_calm'].anchor is ns['xt_anchor'] and ns['half'].augments[0].dtype == torch.bfloat16
+
+    # the sizes the page states: the composition directory against the frozen models
+    composition_kb, frozen_kb = map(int, re.search(r'here (\d+) KB, where the frozen models take (\d+) KB', (ROOT / 'docs' / 'sharing.md').read_text()).groups())
+    frozen = sum((tmp_path / 'models' / name / 'model.safetensors').stat().st_size for name in ('anchor', 'augment'))
+    assert round((tmp_path / 'my-composition' / 'composition.safetensors').stat().st_size / 1e3) == composition_kb
+    assert round(frozen / 1e3) == frozen_kb
+
 CHECKS = {
     'README.md': check_readme,
     'docs/models.md': check_models,
@@ -121,6 +131,7 @@ CHECKS = {
     'docs/training.md': check_training,
     'docs/huggingface.md': check_huggingface,
     'docs/scaling.md': check_scaling,
+    'docs/sharing.md': check_sharing,
 }
 
 PAGES_WITH_SNIPPETS = [page for page in PAGES if len(python_snippets(page)) > 0]
