@@ -163,9 +163,11 @@ def generate(
     eos_id: int | None,
     pad_id: int,
     use_cache: bool,
-    show_progress: bool | None
+    show_progress: bool | None,
+    streamer = None
 ) -> Tensor:
-    """The loop behind `CALM.generate`; arguments are checked there. Returns (b, num_new)."""
+    """The loop behind `CALM.generate`; arguments are checked there. Returns (b, num_new).
+    streamer: Hugging Face's protocol, `put` the prompt then each new token (b,); `end` is the caller's"""
 
     batch, prompt_len = prompt.shape
     total = prompt_len + num_new
@@ -179,6 +181,9 @@ def generate(
     decoder = ComposedDecoder(calm, prompt, prompt_mask, augment_prompts, augment_prompt_masks, total, use_cache)
 
     done = torch.zeros(batch, dtype = torch.bool, device = prompt.device)
+
+    if exists(streamer):
+        streamer.put(prompt.cpu())
 
     # a bar for long generations; None leaves tqdm to hide it where stderr is not a terminal
     disable = not show_progress if exists(show_progress) else (True if num_new < 256 else None)
@@ -195,6 +200,10 @@ def generate(
         # every row is always fed a token id of the model's vocabulary
         seq[:, length] = token
         length += 1
+
+        if exists(streamer):
+            # the tokens returned: pad_id for rows that ended before
+            streamer.put(token.masked_fill(done, pad_id).cpu())
 
         if exists(eos_id):
             done = done | (token == eos_id)
