@@ -12,6 +12,7 @@ from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import KVBuffer
+from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.generation.sampling import sample
 from calm_pytorch.generation.text_stream import TextStream
 from calm_pytorch.helpers import exists
@@ -62,10 +63,11 @@ class ComposedDecoder:
         ]
 
         self.fixed: list[AugmentContext | None] = [None] * len(prompts)
+        self.lockstep = Lockstep(calm)
 
         # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
         self.streams = [
-            TextStream(calm, index, tokens.shape[0]) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
+            TextStream(calm, index, tokens.shape[0], self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
             for index, aligned in enumerate(self.aligned)
         ]
 
@@ -179,6 +181,7 @@ def generate(
     seq_mask = F.pad(prompt_mask, (0, num_new), value = True) if exists(prompt_mask) else None
 
     decoder = ComposedDecoder(calm, prompt, prompt_mask, augment_prompts, augment_prompt_masks, total, use_cache)
+    decoder.lockstep.check_same(num_new, 'the number of new tokens')
 
     done = torch.zeros(batch, dtype = torch.bool, device = prompt.device)
 
@@ -208,7 +211,8 @@ def generate(
         if exists(eos_id):
             done = done | (token == eos_id)
 
-        if exists(eos_id) and bool(done.all()):
+        # with sharded models, only once every process's rows have ended
+        if decoder.lockstep.all_done(exists(eos_id) and bool(done.all())):
             break
 
     new = seq[:, prompt_len:length]
