@@ -60,7 +60,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
     assert calm.anchor_adapter.can_cache and calm.augment_adapters[0].can_cache
     sharded_eos = calm.generate(prompt, eos_id = eos_id, pad_id = 0, **settings)
 
-    # a step count that differs cannot be kept in step: refused on every process before any forward
+    # a step count that differs cannot be kept in step: refused on every process
     try:
         calm.generate(prompt, max_new_tokens = NEW + rank, temperature = 0.)
         refused = ''
