@@ -66,6 +66,11 @@ class ContextsForBatch:
         self.started_inside: set[threading.Thread] | None = None  # known once the block closes
         self.handles: list = []
 
+    def __getstate__(self):
+        # threads cannot be copied or pickled, nor are they the model's: a copy of the anchor made
+        # inside the block (deepcopy, pickle) composes no thread
+        return {**vars(self), 'opener': None, 'running_before': set(), 'started_inside': set()}
+
     def owns(self, contexts) -> bool:
         return any(contexts is own for own in self.by_batch.values())
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 
 import pytest
@@ -156,3 +158,12 @@ def test_the_streamer_ends_even_when_generation_fails(setup):
 
     with pytest.raises(TypeError, match = 'put'):
         calm.generate(input_ids, max_new_tokens = 4, streamer = print)
+
+def test_the_anchor_is_copied_and_pickled_inside_a_block(setup):
+    # the block's record of threads is not copied with the model (threads cannot be)
+    calm, anchor, _, input_ids, document, _ = setup
+
+    with calm.composed(document) as composed:
+        copied = pickle.loads(pickle.dumps(copy.deepcopy(composed)))
+
+    assert torch.equal(copied(input_ids).logits, anchor(input_ids).logits)
