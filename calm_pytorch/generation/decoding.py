@@ -181,7 +181,7 @@ def generate(
     seq_mask = F.pad(prompt_mask, (0, num_new), value = True) if exists(prompt_mask) else None
 
     decoder = ComposedDecoder(calm, prompt, prompt_mask, augment_prompts, augment_prompt_masks, total, use_cache)
-    decoder.lockstep.check_same(num_new, 'the number of new tokens')
+    decoder.lockstep.check_same(max_new_tokens = num_new, use_cache = int(use_cache))
 
     done = torch.zeros(batch, dtype = torch.bool, device = prompt.device)
 

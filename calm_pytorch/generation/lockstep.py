@@ -55,17 +55,21 @@ class Lockstep:
     def all_done(self, done: bool) -> bool:
         return self.most(int(not done)) == 0
 
-    def check_same(self, value: int, name: str):
+    def check_same(self, **values: int):
+        """Refuses, on every process at once, settings that change which forwards run."""
+
         if not self.enabled:
             return
 
-        # the largest and the smallest at once
-        extremes = torch.tensor([value, -value], device = self.device)
+        # the largest and the smallest of each, in one all-reduce
+        extremes = torch.tensor([sign * value for value in values.values() for sign in (1, -1)], device = self.device)
         dist.all_reduce(extremes, op = dist.ReduceOp.MAX, group = self.group)
-        largest, smallest = int(extremes[0].item()), -int(extremes[1].item())
 
-        if largest != smallest:
-            raise ValueError(
-                f'{name} differs between the processes sharing the sharded (FSDP) models: from {smallest} to {largest} (this process: {value}); '
-                'every process runs each step\'s forwards together, so give every process the same'
-            )
+        for index, (name, value) in enumerate(values.items()):
+            largest, smallest = int(extremes[2 * index].item()), -int(extremes[2 * index + 1].item())
+
+            if largest != smallest:
+                raise ValueError(
+                    f'{name} differs between the processes sharing the sharded (FSDP) models: from {smallest} to {largest} (this process: {value}); '
+                    'every process runs each step\'s forwards together, so give every process the same'
+                )

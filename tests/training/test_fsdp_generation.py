@@ -87,4 +87,4 @@ def test_diverging_processes_decode_in_lockstep_and_as_alone(ranks):
     for results in ranks:
         assert torch.equal(results['sharded'], results['alone'])
         assert torch.equal(results['sharded_eos'], results['alone_eos'])
-        assert f'the number of new tokens differs between the processes sharing the sharded (FSDP) models: from {NEW} to {NEW + 1}' in results['refused']
+        assert f'max_new_tokens differs between the processes sharing the sharded (FSDP) models: from {NEW} to {NEW + 1}' in results['refused']
