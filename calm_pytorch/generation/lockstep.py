@@ -10,9 +10,10 @@ from calm_pytorch.helpers import exists
 # generation with sharded models (FSDP): each forward gathers every block's weights from all the
 # processes, so every process must run the same forwards of each model in the same order, even
 # where their prompts make them diverge. What diverges is agreed first, by a small all-reduce:
-# how many steps, when to stop (only once every process's rows have ended: a process whose rows
-# have ended goes on decoding, as an ended row does), and how many forwards an augment read across
-# tokenizers runs in a step (its re-read depends on the text; the others run idle forwards)
+# when to stop (only once every process's rows have ended: a process whose rows have ended goes
+# on decoding, as an ended row does), and how many forwards an augment read across tokenizers runs
+# in a step (its re-read depends on the text; the others run idle forwards). Settings that fix the
+# forwards (the number of steps, use_cache) must be the same everywhere: checked once per call
 
 def sharded_group(models: list[Module]):
     """The process group of the first sharded model (its weights are DTensors), or None."""
