@@ -44,13 +44,15 @@ def save_composition(calm: Module, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, raw)
 
 @typecheck
-def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
+def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool = True, cast: bool = False) -> dict[str, Any]:
     """Loads composition weights saved by `save_composition` into `calm`, whose frozen models and
     wiring must match the saved one. Everything is checked before any weight is touched: on error
     `calm` is unchanged. Returns the checkpoint's wiring.
 
     strict_models: frozen models other than those the checkpoint was trained over (another class,
-    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning"""
+    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning
+    cast: the frozen models were loaded in another dtype than saved, on purpose: their weights'
+    values cannot be compared (a warning), everything else is"""
 
     path = Path(path)
     refuse_partitioned_load(calm, path)
@@ -63,7 +65,7 @@ def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool 
         raise CheckpointError(f'{path} is corrupted: safetensors could not read it ({error})') from None
 
     check_fits(calm, wiring, tensors, path)
-    check_models(calm, wiring, path, strict_models)
+    check_models(calm, wiring, path, strict_models, cast)
 
     anchor_params = dict(calm.anchor.named_parameters())
 

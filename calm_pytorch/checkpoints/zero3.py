@@ -27,6 +27,9 @@ def any_partitioned(module: Module) -> bool:
 def full_shape(tensor: Tensor) -> tuple[int, ...]:
     return tuple(tensor.ds_shape) if is_partitioned(tensor) else tuple(tensor.shape)
 
+def full_numel(tensor: Tensor) -> int:
+    return tensor.ds_numel if is_partitioned(tensor) else tensor.numel()
+
 def gathered(params: Iterable[Tensor]):
     """A context in which the given ZeRO-3 parameters are whole (read-only: changes are dropped on
     exit); nothing happens to parameters that are not partitioned."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch.nn import Module
@@ -23,7 +24,8 @@ ANCHOR_TEXT_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'max_pos
 class CALMConfig(PretrainedConfig):
     """The configuration of a composition, as `calm.config`. The text fields are the anchor's;
     `anchor` and `augments` describe each frozen model (class, source, revision, dtype) and
-    `composition` the wiring (connections, hidden positions, cross-attention heads)."""
+    `composition` the wiring (connections, hidden positions, cross-attention heads); saved as a
+    composition directory's config.json (checkpoints/pretrained.py)."""
 
     model_type = 'calm'
 
@@ -40,6 +42,8 @@ class CALMConfig(PretrainedConfig):
     anchor: dict | None = None
     augments: list | None = None
     composition: dict | None = None
+    tokenizers: dict | None = None  # written by save_pretrained: where the tokenizers were saved
+    calm_version: str | None = None
 
 def model_source(model: Module) -> dict[str, Any]:
     """Where a frozen model came from, as far as it says: its class, and for a transformers model
@@ -58,9 +62,25 @@ def model_source(model: Module) -> dict[str, Any]:
 
     if is_hf_model(model):
         source['source'] = model.config.name_or_path or None
-        source['revision'] = getattr(model.config, '_commit_hash', None)
+        source['revision'] = hub_revision(model.config)
 
     return source
+
+def hub_revision(config) -> str | None:
+    """The commit of a hub model: transformers 4 kept it on the config; transformers 5 does not, so
+    it is the commit the hub cache holds for the model's default branch (None for a local directory
+    or a model not in the cache). The fingerprint saved with a composition is what proves identity."""
+
+    commit = getattr(config, '_commit_hash', None)
+    name = config.name_or_path
+
+    if exists(commit) or not name or Path(name).exists():
+        return commit
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, 'config.json')
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 def composition_description(calm: Composition) -> dict[str, Any]:
     """How the composition is wired: enough, with the frozen models, to build the same CALM again."""
