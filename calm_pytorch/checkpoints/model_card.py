@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from calm_pytorch.checkpoints.zero3 import full_numel
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
-from calm_pytorch.checkpoints.zero3 import full_numel
 
 # the README.md of a composition directory: which models, how they are wired, what was trained,
 # and the line that loads it. Hub metadata (library, tags, the anchor as base model) in YAML front matter

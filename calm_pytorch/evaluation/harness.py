@@ -44,13 +44,8 @@ def load_calm(pretrained: str | CALM, load_kwargs: dict[str, Any]) -> CALM:
             raise TypeError(f'{sorted(load_kwargs)} are arguments for loading a composition, but a built CALM was given; leave them out')
         return pretrained
 
-    # a directory written by `calm.save_pretrained` (or a Hub repo id)
-    from_pretrained = getattr(CALM, 'from_pretrained', None)
-
-    if not callable(from_pretrained):
-        raise NotImplementedError(f'pretrained = {pretrained!r}: this version of calm_pytorch cannot load a composition from a directory; pass a built CALM from Python: CALMEvalModel(calm, tokenizer = ...)')
-
-    return from_pretrained(pretrained, **load_kwargs)
+    # a directory written by `calm.save_pretrained`, or a Hub repo id
+    return CALM.from_pretrained(pretrained, **load_kwargs)
 
 def load_tokenizer(tokenizer: Any, pretrained: str | CALM, calm: CALM, name: str) -> Any:
     if not exists(tokenizer) and exists(calm.anchor_text):
@@ -105,7 +100,7 @@ class CALMEvalModel(TemplateLM):
     max_gen_toks:      new tokens per generation when the task does not say
     device:            moves the CALM there (default: where it is; CUDA asked for but absent: CPU)
     add_bos_token:     whether the tokenizer adds its special tokens (default: its own setting)
-    load_kwargs:       passed to `CALM.from_pretrained` (e.g. `torch_dtype`)"""
+    load_kwargs:       passed to `CALM.from_pretrained` (e.g. `dtype`, `revision`)"""
 
     def __init__(
         self,

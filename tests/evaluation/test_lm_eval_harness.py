@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from text_tokenizers import byte_bpe
 
 from calm_pytorch import CALM
 from calm_pytorch.evaluation.harness import CALMEvalModel
+
+from conftest import ROOT
 
 # a composition in lm-evaluation-harness, on local tasks (YAML over a JSON file written here):
 # what lm_eval reports is what CALM computes, whatever the batch size
@@ -186,3 +191,31 @@ def test_registered_and_clear_about_bad_arguments(composition):
 
     with pytest.raises(ValueError, match = 'tokenizer'):
         CALMEvalModel(calm)
+
+def test_command_line_loads_a_saved_composition(tmp_path, composition):
+    # frozen models saved where from_pretrained finds them again, the composition beside them
+    built, tokenizer = composition
+    built.anchor.save_pretrained(tmp_path / 'anchor')
+    built.augments[0].save_pretrained(tmp_path / 'augment')
+
+    anchor = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'anchor')
+    augment = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'augment')
+    calm = CALM(anchor, augment, attn_kwargs = dict(heads = 2, dim_head = 8))
+    calm.cross_attns.load_state_dict(built.cross_attns.state_dict())
+    calm.save_pretrained(tmp_path / 'calm', tokenizer = tokenizer)
+
+    tasks = write_tasks(tmp_path)
+    command = [
+        sys.executable, '-m', 'calm_pytorch.evaluation', '--model', 'calm', '--model_args', f'pretrained={tmp_path / "calm"}',
+        '--tasks', 'calm_choice', '--include_path', str(tmp_path), '--device', 'cpu', '--batch_size', '2',
+        '--output_path', str(tmp_path / 'out'), '--log_samples'
+    ]
+    result = subprocess.run(command, cwd = ROOT, capture_output = True, text = True, env = {**os.environ, 'HF_DATASETS_OFFLINE': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    samples_file, = (tmp_path / 'out').rglob('samples_calm_choice_*.jsonl')
+    from_cli = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key = lambda sample: sample['doc_id'])
+    in_process = evaluate(CALMEvalModel(built, tokenizer = tokenizer), tasks)['calm_choice']
+
+    for one, other in zip(from_cli, in_process):
+        assert [float(resp[0][0]) for resp in one['resps']] == pytest.approx([resp[0][0] for resp in other['resps']], abs = 1e-4)
