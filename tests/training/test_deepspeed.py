@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from calm_pytorch import CALM
+from calm_pytorch.helpers import exists
 from calm_pytorch.checkpoints.fingerprint import composition_identities
 
 from conftest import free_port
@@ -17,7 +18,8 @@ from hf_models import gpt2, llama
 # DeepSpeed ZeRO-3 under CALMTrainer, 2 processes on CPU (gloo), with partitioning forced on (a
 # tiny model is otherwise never partitioned): the composition checkpoint holds the gathered
 # weights and the identity of the whole frozen models, and loads in one process to the logits the
-# partitioned composition computes. ZeRO-2 partitions no weight: its checkpoints are the usual ones.
+# partitioned composition computes. ZeRO-2 partitions no weight: its checkpoints are the usual ones,
+# and a run resumed from one ends where the straight run does.
 
 PROBE = torch.arange(2 * 10).reshape(2, 10) % 120 + 3
 
@@ -83,14 +85,39 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
     except RuntimeError as error:
         results['load_refused'] = 'ZeRO-3' in str(error)
 
+    # ZeRO-2 in the same processes: four steps straight, and two more resumed from step two
+    def zero2(max_steps: int, run: str, resume: str | None = None) -> dict:
+        calm = build()
+
+        if exists(resume):
+            # other weights than the straight run's: only the resumed checkpoint makes them equal again
+            with torch.no_grad():
+                for param in calm.cross_attns.parameters():
+                    param.normal_(std = 0.1)
+        args = TrainingArguments(
+            output_dir = os.path.join(out_dir, run), per_device_train_batch_size = 2, max_steps = max_steps, learning_rate = 1e-2, seed = 0,
+            report_to = [], use_cpu = True, disable_tqdm = True, save_strategy = 'steps', save_steps = 2, deepspeed = zero_config(2)
+        )
+        CALMTrainer(model = calm, args = args, train_dataset = dataset(16), data_collator = default_data_collator).train(resume_from_checkpoint = resume)
+        return {key: tensor.clone() for key, tensor in calm.composition_state_dict().items()}
+
+    results['zero2_straight'] = zero2(4, 'zero2')
+    results['zero2_resumed'] = zero2(4, 'zero2_resumed', resume = os.path.join(out_dir, 'zero2', 'checkpoint-2'))
+
     if rank == 0:
         torch.save(results, os.path.join(out_dir, 'results.pt'))
 
     torch.distributed.destroy_process_group()
 
-def test_zero3_checkpoints_hold_the_gathered_composition_and_the_whole_models_identity(tmp_path):
-    mp.spawn(worker, args = (2, free_port(), str(tmp_path)), nprocs = 2, join = True)
-    results = torch.load(tmp_path / 'results.pt')
+@pytest.fixture(scope = 'module')
+def zero_runs(tmp_path_factory) -> dict:
+    # both scenarios in one pair of processes, spawned once
+    out_dir = tmp_path_factory.mktemp('deepspeed')
+    mp.spawn(worker, args = (2, free_port(), str(out_dir)), nprocs = 2, join = True)
+    return torch.load(out_dir / 'results.pt') | dict(out_dir = out_dir)
+
+def test_zero3_checkpoints_hold_the_gathered_composition_and_the_whole_models_identity(zero_runs):
+    results, tmp_path = zero_runs, zero_runs['out_dir']
 
     # the weights really were partitioned: (0,) tensors outside DeepSpeed's forward
     assert results['partitioned'] and results['shapes'] == [(0,)]
@@ -120,3 +147,8 @@ def test_zero3_checkpoints_hold_the_gathered_composition_and_the_whole_models_id
     assert torch.allclose(logits, results['logits'], atol = 1e-5)
 
     assert not torch.allclose(logits, untrained, atol = 1e-3)  # it was trained
+
+def test_zero2_resumes_exactly(zero_runs):
+    straight, resumed = zero_runs['zero2_straight'], zero_runs['zero2_resumed']
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
