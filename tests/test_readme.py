@@ -118,6 +118,16 @@ def check_ecosystem(ns: dict, tmp_path: Path):
     assert ns['dpo'].state.log_history[0]['loss'] == pytest.approx(math.log(2), abs = 1e-5)
     assert (tmp_path / 'runs' / 'sft' / 'final' / 'composition.safetensors').exists()
 
+def check_sharing(ns: dict, tmp_path: Path):
+    assert torch.equal(ns['reloaded_logits'], ns['logits'])
+    assert ns['xt_calm'].anchor is ns['xt_anchor'] and ns['half'].augments[0].dtype == torch.bfloat16
+
+    # the sizes the page states: the composition directory against the frozen models
+    composition_kb, frozen_kb = map(int, re.search(r'here (\d+) KB, where the frozen models take (\d+) KB', (ROOT / 'docs' / 'sharing.md').read_text()).groups())
+    frozen = sum((tmp_path / 'models' / name / 'model.safetensors').stat().st_size for name in ('anchor', 'augment'))
+    assert round((tmp_path / 'my-composition' / 'composition.safetensors').stat().st_size / 1e3) == composition_kb
+    assert round(frozen / 1e3) == frozen_kb
+
 CHECKS = {
     'README.md': check_readme,
     'docs/models.md': check_models,
@@ -128,6 +138,7 @@ CHECKS = {
     'docs/huggingface.md': check_huggingface,
     'docs/scaling.md': check_scaling,
     'docs/ecosystem.md': check_ecosystem,
+    'docs/sharing.md': check_sharing,
 }
 
 PAGES_WITH_SNIPPETS = [page for page in PAGES if len(python_snippets(page)) > 0]

@@ -87,16 +87,22 @@ def local_sources(config: dict[str, Any]):
         if exists(source.get('source')) and Path(source['source']).is_dir():
             source['source'] = str(Path(source['source']).resolve())
 
-def save_pretrained(calm: Composition, directory: str | os.PathLike, tokenizer: Any = None, name: str | None = None, training: list[str] | None = None) -> Path:
-    """Writes the composition directory (see the module comment); each file atomically."""
+def recipe(calm: Composition):
+    """`calm.config` as a composition directory saves it: local sources made absolute."""
 
     from calm_pytorch.composition.hf_config import composition_config
+
+    config = composition_config(calm)
+    local_sources(dict(anchor = config.anchor, augments = config.augments))
+    return config
+
+def save_pretrained(calm: Composition, directory: str | os.PathLike, tokenizer: Any = None, name: str | None = None, training: list[str] | None = None) -> Path:
+    """Writes the composition directory (see the module comment); each file atomically."""
 
     directory = Path(directory)
     directory.mkdir(parents = True, exist_ok = True)
 
-    config = composition_config(calm)
-    local_sources(dict(anchor = config.anchor, augments = config.augments))
+    config = recipe(calm)
     config.tokenizers = tokenizer_records(calm, directory, tokenizer)
     config.calm_version = library_version()
 
@@ -106,7 +112,8 @@ def save_pretrained(calm: Composition, directory: str | os.PathLike, tokenizer: 
     return directory
 
 def write_model_card(calm: Composition, directory: Path, name: str | None = None, training: list[str] | None = None) -> Path:
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    path = directory / CONFIG_FILE
+    config = json.loads(path.read_text()) if path.is_file() else recipe(calm).to_dict()
     card = model_card(calm, config, name or str(directory), training)
     return atomic_write_bytes(directory / CARD_FILE, card.encode())
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.nn import Module
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
@@ -44,6 +44,9 @@ class CALMConfig(PretrainedConfig):
     composition: dict | None = None
     tokenizers: dict | None = None  # written by save_pretrained: where the tokenizers were saved
     calm_version: str | None = None
+
+# AutoConfig.from_pretrained reads a composition directory's config.json
+AutoConfig.register('calm', CALMConfig, exist_ok = True)
 
 def model_source(model: Module) -> dict[str, Any]:
     """Where a frozen model came from, as far as it says: its class, and for a transformers model

@@ -37,19 +37,19 @@ def to_tensor(value, column: str, index: int) -> Tensor:
         return value
 
     if isinstance(value, str) or (isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value)):
-        raise DataError(f'column {column!r}, row {index}: holds text ({value!r:.40}); CALM reads token ids: tokenize it first')
+        raise DataError(f'column {column!r}, row {index} of the batch: holds text ({value!r:.40}); CALM reads token ids: tokenize it first')
 
     try:
         # a copy: arrays from datasets are read-only views of its memory
         return torch.from_numpy(np.array(value)) if isinstance(value, (np.ndarray, np.generic)) else torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise DataError(f'column {column!r}, row {index}: {type(value).__name__} {value!r:.60} is not a tensor, an array or a (nested) list of numbers ({error})') from None
+        raise DataError(f'column {column!r}, row {index} of the batch: {type(value).__name__} {value!r:.60} is not a tensor, an array or a (nested) list of numbers ({error})') from None
 
 def token_sequence(value, column: str, index: int, what: str = 'token ids') -> Tensor:
     tensor = to_tensor(value, column, index)
 
     if tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex():
-        raise DataError(f'column {column!r}, row {index}: expected a 1-d sequence of {what} (ints), got a {tensor.dtype} tensor of shape {tuple(tensor.shape)}')
+        raise DataError(f'column {column!r}, row {index} of the batch: expected a 1-d sequence of {what} (ints), got a {tensor.dtype} tensor of shape {tuple(tensor.shape)}')
 
     return tensor.long()
 
@@ -57,7 +57,7 @@ def mask_sequence(value, column: str, index: int) -> Tensor:
     tensor = to_tensor(value, column, index)
 
     if tensor.ndim != 1 or not bool(((tensor == 0) | (tensor == 1)).all()):
-        raise DataError(f'column {column!r}, row {index}: expected a 1-d mask of True / False (or 1 / 0), got shape {tuple(tensor.shape)} with values {tensor.unique().tolist()[:5]}')
+        raise DataError(f'column {column!r}, row {index} of the batch: expected a 1-d mask of True / False (or 1 / 0), got shape {tuple(tensor.shape)} with values {tensor.unique().tolist()[:5]}')
 
     return tensor.bool()
 
@@ -76,7 +76,7 @@ def lengths_mask(lengths: list[int]) -> Tensor:
 def check_lengths(tensors: list[Tensor], lengths: list[int], column: str, of: str):
     for index, (tensor, length) in enumerate(zip(tensors, lengths)):
         if tensor.shape[0] != length:
-            raise DataError(f'column {column!r}, row {index}: {tensor.shape[0]} entries, but {of} has {length} in that row; they must align')
+            raise DataError(f'column {column!r}, row {index} of the batch: {tensor.shape[0]} entries, but {of} has {length} in that row; they must align')
 
 class Collator:
     """Makes one batch of CALM's keywords from a list of rows (see the module comment).

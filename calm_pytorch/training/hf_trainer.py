@@ -80,10 +80,7 @@ class CALMTrainer(Trainer):
             return
 
         output_dir = Path(self.args.output_dir)
-
-        if not (output_dir / 'config.json').is_file():
-            self.save_model(str(output_dir))
-
+        output_dir.mkdir(parents = True, exist_ok = True)
         write_model_card(self.unwrapped_calm(), output_dir, model_name or self.args.hub_model_id, self.training_summary(dataset))
 
     def training_summary(self, dataset: str | list[str] | None) -> list[str]:

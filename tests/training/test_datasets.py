@@ -160,11 +160,11 @@ def test_per_item_mix_of_aligned_and_context_augments():
 
 @pytest.mark.parametrize('rows, message', [
     ([dict(input_ids = [1, 2, 3], text = 'a'), dict(input_ids = [4, 5], text = 'b')], r"column 'text' holds text.*remove_columns\(\['text'\]\)"),
-    ([dict(input_ids = [1.5, 2.0])], r"column 'input_ids', row 0: expected a 1-d sequence of token ids \(ints\), got a torch.float32"),
-    ([dict(input_ids = 'hello')], r"column 'input_ids', row 0: holds text"),
-    ([dict(input_ids = [1, 2, 3], attention_mask = [1, 1])], r"column 'attention_mask', row 0: 2 entries, but input_ids has 3"),
-    ([dict(input_ids = [1, 2], attention_mask = [1, 2])], r"column 'attention_mask', row 0: expected a 1-d mask"),
-    ([dict(input_ids = [1, 2], labels = [1, 2, 3])], r"column 'labels', row 0: 3 entries, but input_ids has 2"),
+    ([dict(input_ids = [1.5, 2.0])], r"column 'input_ids', row 0 of the batch: expected a 1-d sequence of token ids \(ints\), got a torch.float32"),
+    ([dict(input_ids = 'hello')], r"column 'input_ids', row 0 of the batch: holds text"),
+    ([dict(input_ids = [1, 2, 3], attention_mask = [1, 1])], r"column 'attention_mask', row 0 of the batch: 2 entries, but input_ids has 3"),
+    ([dict(input_ids = [1, 2], attention_mask = [1, 2])], r"column 'attention_mask', row 0 of the batch: expected a 1-d mask"),
+    ([dict(input_ids = [1, 2], labels = [1, 2, 3])], r"column 'labels', row 0 of the batch: 3 entries, but input_ids has 2"),
     ([dict(input_ids = [1, 2], seq = [1, 2])], r"both 'input_ids' and 'seq'"),
     ([dict(tokens = [1, 2])], r"columns \['tokens'\] but no tokens for the anchor"),
     ([dict(input_ids = [1, 2]), dict(input_ids = [1, 2], labels = [1, 2])], r"row 1 has the columns"),
