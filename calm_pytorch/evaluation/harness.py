@@ -151,7 +151,7 @@ class CALMEvalModel(TemplateLM):
 
     @property
     def device(self) -> torch.device:
-        return next(self.calm.cross_attns.parameters()).device
+        return self.calm.device
 
     @property
     def eot_token_id(self) -> int:
@@ -172,15 +172,9 @@ class CALMEvalModel(TemplateLM):
         if exists(self._max_length):
             return int(self._max_length)
 
-        anchor = self.calm.anchor
-        config = getattr(anchor, 'config', None)
-        config = config.get_text_config() if callable(getattr(config, 'get_text_config', None)) else config
-
-        for found in (getattr(config, 'max_position_embeddings', None), getattr(config, 'n_positions', None), getattr(anchor, 'max_seq_len', None)):
-            if isinstance(found, int) and found > 0:
-                return found
-
-        return DEFAULT_MAX_LENGTH
+        # the anchor's, as `calm.config` reports it
+        found = getattr(self.calm.config, 'max_position_embeddings', None)
+        return found if isinstance(found, int) and found > 0 else DEFAULT_MAX_LENGTH
 
     @property
     def tokenizer_name(self) -> str:
