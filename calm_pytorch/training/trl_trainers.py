@@ -129,6 +129,11 @@ class CALMDPOTrainer(CALMTrainer, DPOTrainer):
             raise ValueError('sync_ref_model = True would copy the policy into the reference, here the frozen anchor; leave it False')
 
         if not exists(ref_model):
+            if exists(getattr(args, 'deepspeed', None)):
+                # TRL would wrap the reference in a DeepSpeed engine of its own, over the very
+                # anchor the policy's engine holds (and under ZeRO-3 has partitioned): untested
+                raise NotImplementedError('CALMDPOTrainer with the anchor as reference is not supported under DeepSpeed (untested: TRL would wrap the anchor in a second engine); train without `deepspeed`, or pass a separate `ref_model`')
+
             ref_model = calm.anchor
 
             if not callable(getattr(ref_model, 'get_output_embeddings', None)) or not hasattr(ref_model, 'config'):

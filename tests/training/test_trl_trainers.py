@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,6 +115,9 @@ def test_trl_trainers_refuse_what_cannot_work(tmp_path):
     with pytest.raises(ValueError, match = 'on the anchor before building'):
         from peft import LoraConfig
         CALMSFTTrainer(model = calm, args = SFTConfig(**common_args(tmp_path)), train_dataset = dataset, processing_class = tokenizer, peft_config = LoraConfig())
+
+    with pytest.raises(NotImplementedError, match = 'DeepSpeed'):
+        CALMDPOTrainer(model = calm, args = SimpleNamespace(deepspeed = dict(zero_optimization = dict(stage = 3)), sync_ref_model = False))
 
     with pytest.raises(ValueError, match = 'sync_ref_model'):
         CALMDPOTrainer(model = calm, args = DPOConfig(**common_args(tmp_path), sync_ref_model = True), train_dataset = dataset, processing_class = tokenizer)
