@@ -98,7 +98,7 @@ class CausalLMAttributes:
             try:
                 from calm_pytorch.composition.hf_config import composition_config
             except ImportError as error:
-                # an AttributeError would be read as "no config" by getattr(model, 'config', None)
+                # an AttributeError: a tool's getattr(model, 'config', None) reads "no config", as for any model without one
                 raise AttributeError(f'`calm.config` is a transformers config: install transformers (pip install "calm-compose[hf]"); {error}') from error
 
             self.__dict__['_calm_config'] = composition_config(self)
