@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import replace
@@ -112,6 +113,11 @@ def check_scaling(ns: dict, tmp_path: Path):
     linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
     assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
 
+def check_ecosystem(ns: dict, tmp_path: Path):
+    assert 0. <= ns['results']['results']['tiny_choice']['acc,none'] <= 1.
+    assert ns['dpo'].state.log_history[0]['loss'] == pytest.approx(math.log(2), abs = 1e-5)
+    assert (tmp_path / 'runs' / 'sft' / 'final' / 'composition.safetensors').exists()
+
 def check_sharing(ns: dict, tmp_path: Path):
     assert torch.equal(ns['reloaded_logits'], ns['logits'])
     assert ns['xt_calm'].anchor is ns['xt_anchor'] and ns['half'].augments[0].dtype == torch.bfloat16
@@ -131,6 +137,7 @@ CHECKS = {
     'docs/training.md': check_training,
     'docs/huggingface.md': check_huggingface,
     'docs/scaling.md': check_scaling,
+    'docs/ecosystem.md': check_ecosystem,
     'docs/sharing.md': check_sharing,
 }
 

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from calm_pytorch.checkpoints.zero3 import full_shape, gathered, is_partitioned
+
 
 # the identity of a frozen model, saved with a composition checkpoint so that loading it over other
 # models is an error rather than a silent mismatch: the cross-attention learned to read one
@@ -70,10 +72,14 @@ def model_identity(model: Module, *, layers: int, widths: Iterable[int], vocab_s
     samples, unread = [], 0
 
     for name, tensor in tensors:
-        structure.update(f'{name}:{tuple(tensor.shape)};'.encode())
+        structure.update(f'{name}:{full_shape(tensor)};'.encode())
         weights.update(f'{name}:{tensor.dtype};'.encode())
 
-        if readable(tensor):
+        if is_partitioned(tensor):
+            # DeepSpeed ZeRO-3: whole for as long as it takes to read the sample (zero3.py)
+            with gathered([tensor]):
+                samples.append(sample(tensor).clone())
+        elif readable(tensor):
             samples.append(sample(tensor))
         else:
             unread += 1

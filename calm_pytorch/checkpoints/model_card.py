@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from calm_pytorch.checkpoints.zero3 import full_numel
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
 
@@ -20,8 +21,8 @@ def is_hub_id(source: str | None) -> bool:
 def model_card(calm: Composition, config: dict[str, Any], name: str, training: list[str] | None = None) -> str:
     description = config['composition']
     anchor_source = config['anchor'].get('source')
-    trained = sum(param.numel() for param in calm.cross_attns.parameters())
-    frozen = sum(param.numel() for model in (calm.anchor, *calm.augments) for param in model.parameters())
+    trained = sum(full_numel(param) for param in calm.cross_attns.parameters())
+    frozen = sum(full_numel(param) for model in (calm.anchor, *calm.augments) for param in model.parameters())
 
     front = ['---', 'library_name: calm-compose', 'tags:', '- calm', '- model-composition']
     if is_hub_id(anchor_source):

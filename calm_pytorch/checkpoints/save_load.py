@@ -16,6 +16,7 @@ from calm_pytorch.checkpoints.contents import ANCHOR_PREFIX, FORMAT, PREFIX, com
 from calm_pytorch.checkpoints.file_format import CheckpointError, digest, read_bytes, split_file, verified_wiring
 from calm_pytorch.checkpoints.fingerprint import composition_identities
 from calm_pytorch.checkpoints.matching import check_fits, check_models
+from calm_pytorch.checkpoints.zero3 import gathered, refuse_partitioned_load, writes_the_file
 from calm_pytorch.helpers import typecheck
 
 @typecheck
@@ -24,8 +25,15 @@ def save_composition(calm: Module, path: str | os.PathLike) -> Path:
     `path` is either the previous checkpoint or the new one, whole."""
 
     path = Path(path)
-    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in composition_state_dict(calm).items()}
+
+    # under DeepSpeed ZeRO-3 every process gathers (zero3.py); the first one writes
+    with gathered([*calm.cross_attns.parameters(), *(param for param in calm.anchor.parameters() if param.requires_grad)]):
+        tensors = {key: tensor.detach().cpu().clone().contiguous() for key, tensor in composition_state_dict(calm).items()}
+
     wiring_json = json.dumps(composition_wiring(calm) | dict(models = composition_identities(calm)), sort_keys = True)
+
+    if not writes_the_file(calm):
+        return path
 
     # the tensor bytes do not depend on the metadata: serialise once to hash them, then again with the hash
 
@@ -47,6 +55,7 @@ def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool 
     values cannot be compared (a warning), everything else is"""
 
     path = Path(path)
+    refuse_partitioned_load(calm, path)
     raw = read_bytes(path)
     wiring = verified_wiring(raw, path)
 

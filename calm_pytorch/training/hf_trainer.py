@@ -10,6 +10,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from calm_pytorch.calm import CALM
 from calm_pytorch.checkpoints.pretrained import write_model_card
+from calm_pytorch.checkpoints.zero3 import any_partitioned
 from calm_pytorch.helpers import exists
 from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 
@@ -43,6 +44,21 @@ class CALMTrainer(Trainer):
             raise TypeError(f'CALMTrainer trains a CALM, got {type(model).__name__}; use transformers.Trainer for other models')
 
         return model
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # DeepSpeed ZeRO-3 partitions every weight: Trainer would gather all of them, frozen models
+        # included, or write DeepSpeed's own sharded checkpoint. `calm.save` gathers the composition
+        # and fingerprints the frozen models one tensor at a time, a collective every process joins
+        # (checkpoints/zero3.py); the first process writes
+        if not (self.is_deepspeed_enabled and any_partitioned(self.unwrapped_calm())):
+            return super().save_model(output_dir, _internal_call)
+
+        output_dir = output_dir if exists(output_dir) else self.args.output_dir
+
+        if self.args.should_save:
+            self._save(output_dir)
+        else:
+            self.unwrapped_calm().save(Path(output_dir) / COMPOSITION_FILE)  # gathers with the others, writes nothing
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         # state_dict: Trainer gathers one under FSDP / DeepSpeed; the composition is read from the model
