@@ -53,10 +53,13 @@ class AnchorShape:
         (in the logits' dtype), the int64 target."""
         return 4 * self.hidden + 4 + self.element * self.vocab + 8
 
+    def loss(self) -> int:
+        """Once: the summed loss (in the logits' dtype) and the int64 count of its tokens."""
+        return self.element + 8
+
     def logits(self) -> int:
         return self.element * self.vocab
 
-LOSS_SCALARS = 4 + 8  # the summed loss and the count of its tokens
 
 def cross_attention(dim: int, dim_context: int, heads: int, dim_head: int, element: int) -> int:
     """Per token, one cross-attention in aligned mode, in the composition's dtype (its inputs are

@@ -10,7 +10,7 @@ from calm_pytorch.calm import CALM
 from calm_pytorch.composition.activation_checkpointing import first_block_with_gradients
 from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.params import AugmentParams
-from calm_pytorch.plan.activations import LOSS_SCALARS, AnchorShape, cross_attention, cross_attention_mask
+from calm_pytorch.plan.activations import AnchorShape, cross_attention, cross_attention_mask
 from calm_pytorch.plan.configs import load_config, meta_model, meta_masks
 from calm_pytorch.plan.weights import Quantization, dtype_size, frozen_bytes, linear_numel, trainable
 
@@ -34,6 +34,7 @@ class MemoryPlan:
     activations: int
     temporaries: int
     gathered: int
+    kept: int  # what autograd keeps for the backward: benchmarks/memory.py's "kept for backward"
     anchor_params: int
     augment_params: list[int]
     composition_params: int
@@ -142,7 +143,7 @@ def memory_plan(
             cross += tokens * cross_attention(block.to_context.out_features, block.to_context.in_features, block.heads, dim_head, element)
             cross += cross_attention_mask(seq_len, element)
 
-    head = tokens * shape.head() + LOSS_SCALARS
+    head = tokens * shape.head() + shape.loss()
     one_block = tokens * shape.block()
     rotary = shape.rotary(seq_len) if with_gradient > 0 else 0
 
@@ -150,7 +151,7 @@ def memory_plan(
         kept = with_gradient * tokens * shape.hidden * shape.element + cross + head
         activations = kept + one_block + rotary
     else:
-        activations = with_gradient * one_block + rotary + cross + head
+        kept = activations = with_gradient * one_block + rotary + cross + head
 
     # torchao's int8 Linear hands autograd a float copy of its weight, kept for the backward of
     # every block the gradient flows through (with checkpointing: of one block at a time) and of the head
@@ -159,6 +160,7 @@ def memory_plan(
         blocks = [module for unit in units[first:] for module in unit]
         copies = linear_numel(blocks[:len(units[first])] if activation_checkpointing else blocks) + head_linear.weight.numel()
         activations += copies * shape.element
+        kept += (copies if not activation_checkpointing else head_linear.weight.numel()) * shape.element
 
     gathered = 0
     if shards > 1:
@@ -175,6 +177,7 @@ def memory_plan(
         activations = activations,
         temporaries = 2 * tokens * shape.logits(),
         gathered = gathered,
+        kept = kept,
         anchor_params = sum(param.numel() for param in anchor_model.parameters()),
         augment_params = [sum(param.numel() for param in model.parameters()) for model in augment_models],
         composition_params = composition_params,
