@@ -1,7 +1,9 @@
 """python -m calm_pytorch.plan --anchor CONFIG --augment CONFIG [--augment CONFIG ...] [options]
 
 Prints the memory one process holds in a training step of the composition (docs/scaling.md).
-A CONFIG is a config.json file, a folder holding one, or JSON with a `model_type`."""
+A CONFIG is a config.json file, a folder holding one, JSON with a `model_type`, or the name of a
+published Llama shape: llama-2-7b, llama-2-13b, llama-2-70b, tinyllama-1.1b, llama-3-8b,
+llama-3-70b, llama-3.2-1b."""
 
 from __future__ import annotations
 
