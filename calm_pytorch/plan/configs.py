@@ -72,9 +72,17 @@ def meta_masks():
     of the position ids (`.all()`), which a meta tensor has not; the plan's inputs are never
     packed. (The constructor's probe of a transformers augment with `use_cache = False` goes
     there.)"""
-    from transformers import masking_utils
+    try:
+        from transformers import masking_utils
+    except ImportError:  # an older transformers, which builds its masks without this check
+        masking_utils = None
 
-    original = masking_utils.find_packed_sequence_indices
+    original = getattr(masking_utils, 'find_packed_sequence_indices', None)
+
+    if original is None:
+        yield
+        return
+
     masking_utils.find_packed_sequence_indices = lambda position_ids: None if position_ids.is_meta else original(position_ids)
 
     try:

@@ -118,9 +118,11 @@ def test_the_command_prints_the_table(tmp_path, capsys):
     path.write_text(json.dumps(ANCHOR))
 
     # what `python -m calm_pytorch.plan ...` runs, in this process (a fresh interpreter takes 20 s here)
-    main(['--anchor', str(path), '--augment', json.dumps(AUGMENT), '--dtype', 'fp32', '--batch', str(BATCH), '--seq-len', str(SEQ), '--heads', '3', '--dim-head', '8'])
+    main(['--anchor', str(path), '--augment', json.dumps(AUGMENT), '--dtype', 'fp32', '--batch', str(BATCH), '--seq-len', str(SEQ), '--heads', '3', '--dim-head', '8',
+          '--connections', '[[[4, 2], [8, 8]]]'])
     output = capsys.readouterr().out
 
-    plan = memory_plan(ANCHOR, AUGMENT, dtype = 'fp32', batch = BATCH, seq_len = SEQ, attn_kwargs = ATTN)
+    plan = memory_plan(ANCHOR, AUGMENT, dtype = 'fp32', batch = BATCH, seq_len = SEQ, attn_kwargs = ATTN, connections = [((4, 2), (8, 8))])
+    assert 'connections [[(4, 2), (8, 8)]]; 6 of 8 anchor blocks carry the gradient' in output
     assert f'| total | {plan.total / 2 ** 30:.2f} |' in output
     assert f'| frozen weights | {frozen_bytes(real(ANCHOR, torch.float32)) / 2 ** 30 + frozen_bytes(real(AUGMENT, torch.float32)) / 2 ** 30:.2f} |' in output
