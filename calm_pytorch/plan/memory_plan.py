@@ -157,8 +157,9 @@ def memory_plan(
     # every block the gradient flows through (with checkpointing: of one block at a time) and of the head
     if anchor_quantization == 'int8':
         head_linear = anchor_model.get_output_embeddings()
-        blocks = [module for unit in units[first:] for module in unit]
-        copies = linear_numel(blocks[:len(units[first])] if activation_checkpointing else blocks) + head_linear.weight.numel()
+        copied = units[first:first + 1] if activation_checkpointing else units[first:]
+        blocks = [module for unit in copied for module in unit]
+        copies = linear_numel(blocks) + head_linear.weight.numel()
         activations += copies * shape.element
         kept += (copies if not activation_checkpointing else head_linear.weight.numel()) * shape.element
 

@@ -66,10 +66,11 @@ def test_the_plan_counts_what_a_real_step_holds(dtype, checkpointing):
     assert plan.activations > plan.kept if checkpointing else plan.activations == plan.kept
     loss.backward()
 
-def test_int8_anchor():
+@pytest.mark.parametrize('checkpointing', [False, True], ids = ['plain', 'checkpointing'])
+def test_int8_anchor(checkpointing):
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    plan = memory_plan(ANCHOR, AUGMENT, dtype = 'fp32', batch = BATCH, seq_len = SEQ, attn_kwargs = ATTN, anchor_quantization = 'int8')
+    plan = memory_plan(ANCHOR, AUGMENT, dtype = 'fp32', batch = BATCH, seq_len = SEQ, attn_kwargs = ATTN, anchor_quantization = 'int8', activation_checkpointing = checkpointing)
 
     anchor, augment = real(ANCHOR, torch.float32), real(AUGMENT, torch.float32)
     quantize_(anchor, Int8WeightOnlyConfig())
@@ -77,7 +78,11 @@ def test_int8_anchor():
 
     assert plan.frozen == models_bytes(anchor, augment)
 
+    if checkpointing:
+        calm.gradient_checkpointing_enable()
+
     # autograd keeps the float copies of the int8 weights of every block the gradient flows through
+    # (with checkpointing: of the head only, the blocks' copies are made again in their recompute)
     seq = torch.randint(3, ANCHOR['vocab_size'], (BATCH, SEQ + 1))
     with SavedTensors(calm) as saved:
         calm(seq, use_cache = False)
