@@ -44,12 +44,14 @@ def main():
     calm = CALM(anchor, AugmentParams(model = encoder, connections = ((2, 2), (4, 4))), attn_kwargs = dict(heads = 4, dim_head = 16))
     print(calm.summary())
 
+    # 3e-3, above FineTuner's 1e-3: tiny models on synthetic data, trained in a short demonstration run (docs/training.md#starting-points)
     optim = torch.optim.AdamW(calm.parameters(), lr = 3e-3)
 
     for step in range(1, args.steps + 1):
         seq, context, context_mask = batch(16, 12, num_tokens)
         loss = calm(seq, prompt = context, prompt_mask = context_mask)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(calm.parameters(), max_norm = 1.0)  # as FineTuner does by default
         optim.step()
         optim.zero_grad()
 

@@ -30,7 +30,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type = int, default = 100, help = 'optimizer steps in all')
     parser.add_argument('--batch-size', type = int, default = 16, help = 'per process and micro-batch')
     parser.add_argument('--grad-accum', type = int, default = 1, help = 'micro-batches per optimizer step')
+    # 1e-2, not FineTuner's 1e-3: random frozen models and 100 short steps, in which the higher rate
+    # shows the loss falling in a few seconds (docs/training.md#starting-points)
     parser.add_argument('--lr', type = float, default = 1e-2)
+    parser.add_argument('--max-grad-norm', type = float, default = 1.0, help = 'gradient clipping (FineTuner\'s default)')
     parser.add_argument('--warmup', type = int, default = 10)
     parser.add_argument('--bf16', action = 'store_true', help = 'bf16 autocast')
     parser.add_argument('--out', type = Path, default = Path('runs/calm-example'), help = 'checkpoints and the final composition')
@@ -92,6 +95,7 @@ def main():
         batch_size = args.batch_size,
         grad_accum_every = args.grad_accum,
         learning_rate = args.lr,
+        max_grad_norm = args.max_grad_norm,
         warmup_steps = args.warmup,
         schedule = 'cosine',
         bf16 = args.bf16,

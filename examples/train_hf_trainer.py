@@ -76,7 +76,8 @@ def main():
         output_dir = str(args.out),
         max_steps = args.max_steps,
         per_device_train_batch_size = 16,
-        learning_rate = 3e-3,
+        learning_rate = 3e-3,       # tiny random models (docs/training.md#starting-points)
+        max_grad_norm = 1.0,        # Trainer's default, and FineTuner's
         lr_scheduler_type = 'constant',
         logging_steps = max(args.max_steps // 6, 1),
         save_steps = max(args.max_steps // 2, 1),

@@ -37,12 +37,14 @@ def main():
     calm = CALM(anchor, augment_llms = AugmentParams(model = augment, connect_every_num_layers = 4))
     print(f'connections (augment_layer, anchor_layer): {calm.connections}')
 
+    # 3e-3, above FineTuner's 1e-3: tiny models on synthetic data, trained in a short demonstration run (docs/training.md#starting-points)
     optim = torch.optim.AdamW(calm.parameters(), lr = 3e-3)
 
     for step in range(1, args.steps + 1):
         seq, prompt = batch(16, 16, num_tokens)
         loss = calm(seq, prompt = prompt)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(calm.parameters(), max_norm = 1.0)  # as FineTuner does by default
         optim.step()
         optim.zero_grad()
 

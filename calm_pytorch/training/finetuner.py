@@ -68,7 +68,7 @@ class FineTuner:
         num_train_steps: int,
         batch_size: int = 8,
         grad_accum_every: int = 1,
-        learning_rate: float = 1e-4,
+        learning_rate: float = 1e-3,  # what the real-model runs trained at (docs/training.md#starting-points)
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,

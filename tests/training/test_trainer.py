@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import calm_pytorch.training.finetuner as trainer_module
-from calm_pytorch import CALM, AugmentParams, FineTuner
+from calm_pytorch import CALM, AugmentParams, FineTuner, next_token_loss
 from calm_pytorch.training.schedule import warmup_then
 from calm_pytorch.training.step_checkpoints import checkpoints, load_training_state
 
@@ -147,6 +147,34 @@ def test_only_composition_weights_are_optimised():
     tuner = finetuner(calm, counting_sequences(8))
     optimised = {id(param) for group in tuner.optimizer.param_groups for param in group['params']}
     assert optimised == {id(param) for param in calm.cross_attns.parameters()}
+
+def test_gradients_are_clipped_by_default_and_clipping_can_be_turned_off():
+    # a loss scaled up so that the gradient's norm is far above 1
+    def scaled_loss(model, batch):
+        loss, count = next_token_loss(model, batch)
+        return loss * 1e3, count
+
+    def norms_at_the_optimizer(tuner) -> list[float]:
+        norms = []
+        tuner.optimizer.register_step_pre_hook(lambda *args: norms.append(torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in tuner.params])).item()))
+        return norms
+
+    data = counting_sequences(8)
+    clipped = FineTuner(build(), data, num_train_steps = 2, batch_size = 4, loss_fn = scaled_loss, progress = False, device = 'cpu')
+    assert clipped.max_grad_norm == 1.0
+
+    seen = norms_at_the_optimizer(clipped)
+    history = clipped.train()
+
+    assert all(record['grad_norm'] > 10 for record in history)          # the norm before clipping
+    assert seen == pytest.approx([1.0, 1.0], rel = 1e-5)                # what AdamW stepped with
+
+    unclipped = finetuner(build(), data, num_train_steps = 2, loss_fn = scaled_loss, max_grad_norm = None)
+    seen = norms_at_the_optimizer(unclipped)
+    history = unclipped.train()
+
+    assert all(record['grad_norm'] is None for record in history)
+    assert min(seen) > 10
 
 def test_warmup_then_cosine_schedule():
     param = torch.nn.Parameter(torch.zeros(1))
