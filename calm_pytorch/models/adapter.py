@@ -32,6 +32,10 @@ class ProbeResult:
     dims: dict[tuple[int, str], int] = field(default_factory = dict)  # site key -> hidden width
 
 class ModelAdapter:
+    # the length the model was configured for (`max_position_embeddings`); a class default, so
+    # that adapters pickled by 0.1.0, which had none, read it too
+    configured_len: int | None = None
+
     def __init__(
         self,
         model: Module,
@@ -51,7 +55,6 @@ class ModelAdapter:
         self.returns_hiddens = returns_hiddens
         self.mask_kwarg = mask_kwarg if exists(mask_kwarg) else find_mask_kwarg(model)
         self.max_seq_len = None     # a hard limit: positions past it fail (learned absolute positions)
-        self.configured_len = None  # the length the model was configured for (`max_position_embeddings`)
         self.vocab_size = None  # known for x-transformers and transformers models: then token ids are checked
 
         if returns_hiddens:

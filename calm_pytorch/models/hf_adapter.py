@@ -149,14 +149,24 @@ class HFAdapter(ModelAdapter):
         self.configured_len = configured if isinstance(configured, int) and not exists(self.input_shape) else None
         self.vocab_size = vocab_size(self.target, model) if self.main_input == 'input_ids' else None
 
+        self.read_cache_interface()
+
+    def read_cache_interface(self):
         # a decoder whose forward takes a cache decodes incrementally in generation. The keyword
         # is read off the signature, which changed across transformers versions
         self.cache_kwarg = cache_kwarg(self.params)
         self.no_cache_reason = (
-            'it is an encoder-decoder model, of which only the encoder runs, on the whole sequence' if is_encoder_decoder(model) else
+            'it is an encoder-decoder model, of which only the encoder runs, on the whole sequence' if is_encoder_decoder(self.model) else
             f'its forward takes no cache (neither of {", ".join(CACHE_KWARGS)})' if not exists(self.cache_kwarg) else
             None
         )
+
+    def __setstate__(self, state: dict):
+        # an adapter pickled by 0.1.0 knew only `past_key_values`
+        self.__dict__.update(state)
+
+        if 'cache_kwarg' not in state:
+            self.read_cache_interface()
 
     def find_layers(self) -> list[Layer]:
         try:
