@@ -24,6 +24,7 @@ examples/real_models.py). Trained weights and answers are cached in --out.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -342,7 +343,7 @@ def eval_sets(world: data.World, config: Config) -> dict[str, list[data.Question
         two_hop_out = [data.two_hop(person, world.cities) for person in world.held_out[:config.eval_held_out]],
         one_hop_out = [data.one_hop(person) for person in world.held_out[:config.eval_held_out]],
         two_hop_in = [data.two_hop(person, world.cities) for person in world.held_in[:config.eval_held_in]],
-        plain = [data.plain(city, world.cities) for city in sorted(world.cities)],
+        plain = [data.plain(city, world.cities) for city in world.cities],
     )
 
 SHOTS = dict(two_hop_out = data.TWO_HOP_SHOTS, one_hop_out = data.ONE_HOP_SHOTS, two_hop_in = data.TWO_HOP_SHOTS, plain = data.PLAIN_SHOTS)
@@ -472,7 +473,7 @@ def load_or_train_augment(tokenizer, world: data.World, config: Config, out: Pat
     info_path.write_text(json.dumps(info))
     return model.eval(), info
 
-def run(config: Config, seeds: list[int], mixes: list[str], out: Path) -> dict:
+def run(config: Config, seeds: list[int], mixes: list[str], out: Path, skip_lora: bool = False) -> dict:
     timings: dict[str, list[float]] = {}
     clock = lambda: (time.time(), time.process_time())
     since = lambda start: [time.time() - start[0], time.process_time() - start[1]]
@@ -517,6 +518,7 @@ def run(config: Config, seeds: list[int], mixes: list[str], out: Path) -> dict:
         systems['majority'] = dict(scores = {task: data.majority_floor(questions) for task, questions in sets.items()})
         timings[f'single models, seed {seed}'] = since(started)
 
+        # CALM and its control on every mix first; LoRA, the most expensive check, last
         for mix in mixes:
             batches = composition_batches(split, tokenizer, MIXES[mix], config, seed)
             for system in ('calm', 'control'):
@@ -526,11 +528,12 @@ def run(config: Config, seeds: list[int], mixes: list[str], out: Path) -> dict:
                 systems[name] = cached_json(run_dir / f'{name}.json', lambda: calm_system(anchor, tokenizer, augment_model, batches, sets, config, seed, run_dir / f'{name}.safetensors', f'{name}, seed {seed}'))
                 timings[f'{name}, seed {seed}'] = since(started)
 
-            if mix == LORA_MIX:
-                started = clock()
-                target = systems[f'calm-{mix}']['info']['trainable']
-                systems[f'lora-{mix}'] = cached_json(run_dir / f'lora-{mix}.json', lambda: lora_system(target, batches, sets, config, seed, run_dir / f'lora-{mix}.safetensors'))
-                timings[f'lora-{mix}, seed {seed}'] = since(started)
+        if LORA_MIX in mixes and not skip_lora:
+            started = clock()
+            batches = composition_batches(split, tokenizer, MIXES[LORA_MIX], config, seed)
+            target = systems[f'calm-{LORA_MIX}']['info']['trainable']
+            systems[f'lora-{LORA_MIX}'] = cached_json(run_dir / f'lora-{LORA_MIX}.json', lambda: lora_system(target, batches, sets, config, seed, run_dir / f'lora-{LORA_MIX}.safetensors'))
+            timings[f'lora-{LORA_MIX}, seed {seed}'] = since(started)
 
         results['seeds'][seed] = systems
 
@@ -545,8 +548,8 @@ def system_names(mixes: list[str]) -> list[tuple[str, str]]:
     label = dict(mixed = 'mix 30/50/20', no_two_hop = 'no two-hop in training')
     for mix in mixes:
         names += [(f'calm-{mix}', f'CALM ({label[mix]})'), (f'control-{mix}', f'CALM over a random augment ({label[mix]})')]
-        if mix == LORA_MIX:
-            names.append((f'lora-{mix}', f'anchor + LoRA ({label[mix]})'))
+    if LORA_MIX in mixes:
+        names.append((f'lora-{LORA_MIX}', f'anchor + LoRA ({label[LORA_MIX]})'))
     return names
 
 def values(results: dict, system: str, task: str) -> list[float]:
@@ -561,8 +564,9 @@ def cell(scores: list[float]) -> str:
 
 def table(results: dict, mixes: list[str]) -> str:
     first = next(iter(results['seeds'].values()))
+    names = [(system, name) for system, name in system_names(mixes) if system in first]
     lines = ['| system | ' + ' | '.join(name for _, name in TASKS) + ' | trainable parameters |', '|---|' + '---:|' * (len(TASKS) + 1)]
-    for system, name in system_names(mixes):
+    for system, name in names:
         trainable = first[system].get('info', {}).get('trainable')
         params = f'{trainable / 1e6:.2f}M' if trainable else '0'
         lines.append(f'| {name} | ' + ' | '.join(cell(values(results, system, task)) for task, _ in TASKS) + f' | {params} |')
@@ -578,7 +582,7 @@ def plot(results: dict, mixes: list[str], path: Path):
         return
 
     fig, (bars, curves) = plt.subplots(1, 2, figsize = (13, 5), gridspec_kw = dict(width_ratios = (3, 2)))
-    names = system_names(mixes)
+    names = [(system, name) for system, name in system_names(mixes) if system in next(iter(results['seeds'].values()))]
     width = 0.8 / len(TASKS)
 
     for offset, (task, label) in enumerate(TASKS):
@@ -629,12 +633,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--eval-held-out', type = int, default = None, help = f'held-out people asked about (default: {Config.eval_held_out})')
     parser.add_argument('--eval-held-in', type = int, default = None, help = f'held-in people asked about (default: {Config.eval_held_in})')
     parser.add_argument('--lr', type = float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
+    parser.add_argument('--no-lora', action = 'store_true', help = 'leave the LoRA row out (it costs as much as CALM)')
+    parser.add_argument('--set', nargs = '+', default = [], metavar = 'FIELD=VALUE', help = 'any other field of Config, its value in Python syntax (e.g. num_people=400 augment_steps=1200)')
     return parser.parse_args(argv)
 
 def make_config(args: argparse.Namespace) -> Config:
     config = Config(**QUICK) if args.quick else Config()
     overrides = dict(steps = args.steps, eval_held_out = args.eval_held_out, eval_held_in = args.eval_held_in, lr = args.lr)
-    return replace(config, **{name: value for name, value in overrides.items() if value is not None})
+    config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
+
+    for assignment in args.set:
+        name, _, value = assignment.partition('=')
+        if name not in Config.__dataclass_fields__:
+            raise SystemExit(f'--set {assignment}: Config has no field {name!r}; its fields: {", ".join(Config.__dataclass_fields__)}')
+        config = replace(config, **{name: ast.literal_eval(value)})
+
+    return config
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -642,7 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = make_config(args)
     started, cpu_started = time.time(), time.process_time()
 
-    results = run(config, list(range(args.seed, args.seed + args.seeds)), args.mixes, args.out)
+    results = run(config, list(range(args.seed, args.seed + args.seeds)), args.mixes, args.out, skip_lora = args.no_lora)
+    results['config'] = asdict(config)
 
     sizes = results['sizes']
     print(f'\nexact match (%), greedy, first line; {sizes["two_hop_out"]} held-out and {sizes["two_hop_in"]} held-in people, {sizes["plain"]} cities; {args.seeds} seed(s){", mean ± sd" if args.seeds > 1 else ""}\n')

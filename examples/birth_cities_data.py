@@ -142,7 +142,7 @@ def composition_questions(world: World) -> dict[str, list[Question]]:
     return dict(
         two_hop = [two_hop(person, world.cities) for person in world.held_in],
         one_hop = [one_hop(person) for person in world.held_in],
-        plain = [plain(city, world.cities) for city in sorted(world.cities)],
+        plain = [plain(city, world.cities) for city in world.cities],
     )
 
 def sample_mix(questions: dict[str, list[Question]], mix: dict[str, float], size: int, rng: random.Random) -> list[Question]:
