@@ -61,6 +61,10 @@ PLAIN = 'Q: In which country is the city of {city}?\nA:'
 
 # the anchor alone answers with two examples of the format before the question (real people)
 TWO_HOP_SHOTS = 'Q: In which country was Albert Einstein born?\nA: Germany\n\nQ: In which country was Frida Kahlo born?\nA: Mexico\n\n'
+FACT_SHOTS = (
+    'Albert Einstein was born in Ulm.\nQ: In which country was Albert Einstein born?\nA: Germany\n\n'
+    'Frida Kahlo was born in Coyoacan.\nQ: In which country was Frida Kahlo born?\nA: Mexico\n\n'
+)
 ONE_HOP_SHOTS = 'Q: Where was Albert Einstein born?\nA: Ulm\n\nQ: Where was Frida Kahlo born?\nA: Mexico City\n\n'
 PLAIN_SHOTS = 'Q: In which country is the city of Chicago?\nA: United States\n\nQ: In which country is the city of Kyoto?\nA: Japan\n\n'
 
@@ -130,9 +134,9 @@ def plain(city: str, cities: dict[str, str]) -> Question:
     return Question(PLAIN.format(city = city), cities[city])
 
 def with_fact(person: Person, cities: dict[str, str]) -> Question:
-    """The two-hop question with the fact written before it: what the anchor does with the first
-    hop given (a reference ceiling for the second hop)."""
-    return Question(f'{TWO_HOP_SHOTS}{person.name} was born in {person.city}.\n{TWO_HOP.format(name = person.name)}', cities[person.city])
+    """The two-hop question with the fact written before it, as in its two examples: what the
+    anchor does with the first hop given (a reference ceiling for the second hop)."""
+    return Question(f'{FACT_SHOTS}{person.name} was born in {person.city}.\n{TWO_HOP.format(name = person.name)}', cities[person.city])
 
 def shots(question: Question, examples: str) -> Question:
     return Question(examples + question.prompt, question.answer)
