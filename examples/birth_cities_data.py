@@ -3,9 +3,9 @@
 A world of fictional people, each born in a real city: a first name from a short list and an
 invented surname of two or three syllables, unique, so that no pretrained model can know them.
 
-    the augment learns   "Q: Where was Ilse Vorandek born?\\nA: Lyon"      (and other templates)
+    the augment learns   "Q: Where was Olga Karador born?\\nA: Lyon"      (and other templates)
     the anchor knows     "Q: In which country is the city of Lyon?\\nA: France"
-    the composition asks "Q: In which country was Ilse Vorandek born?\\nA: France"   (two hops)
+    the composition asks "Q: In which country was Olga Karador born?\\nA: France"   (two hops)
 
 Every question is answered on its first line; scoring is exact match on that line.
 """
