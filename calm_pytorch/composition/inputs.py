@@ -10,6 +10,21 @@ def check_usable(calm):
     if calm.hooks_removed:
         raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
 
+def check_causal_anchor(calm, use: str):
+    """Next-token training and generation need an anchor whose output at a position depends only on
+    the tokens up to it. Probed at construction (at first use for an anchor built on `meta`)."""
+
+    # a CALM pickled by 0.1.0 has no record: probed here
+    if getattr(calm, 'anchor_is_causal', None) is None:
+        calm.anchor_is_causal = calm.anchor_adapter.logits_are_causal()
+
+    if not calm.anchor_is_causal:
+        raise ValueError(
+            f'the anchor ({type(calm.anchor).__name__}) is not causal: its output at a position depends on later tokens '
+            f'(a bidirectional encoder, such as BERT or an x-transformers Encoder), so {use} would see the token it predicts. '
+            'Use a causal decoder as the anchor; a bidirectional model can be an augment that reads its own input (`prompt=`)'
+        )
+
 def check_tokens(tokens: Tensor, name: str, min_len: int = 1):
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f'`{name}` must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}')

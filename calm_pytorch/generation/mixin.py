@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from calm_pytorch.composition.inputs import check_usable, per_augment
+from calm_pytorch.composition.inputs import check_causal_anchor, check_usable, per_augment
 from calm_pytorch.generation.composed_anchor import composed_anchor
 from calm_pytorch.generation.decoding import generate
 from calm_pytorch.generation.prompts import check_total_length, new_token_count, prepare_prompt
@@ -61,6 +61,7 @@ class GenerationMixin:
         show_progress:       a progress bar; None shows it for 256 new tokens or more on a terminal"""
 
         check_usable(self)
+        check_causal_anchor(self, 'generation')
         prompt, prompt_mask = prepare_prompt(self, prompt, prompt_mask)
         num_new = new_token_count(prompt.shape[-1], seq_len, max_new_tokens)
         check_sampling(temperature, top_k, top_p, min_p)

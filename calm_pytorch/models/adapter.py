@@ -261,6 +261,30 @@ class ModelAdapter:
 
         return True
 
+    def logits_are_causal(self, strict: bool = True) -> bool | None:
+        """The same probe on the logits: does the output at a position depend on later tokens (a
+        bidirectional encoder such as BERT's)? Not strict: None where the logits cannot be found
+        (an output that needs a `logits_fn`), instead of that error."""
+
+        tokens = self.dummy_input(seq_len = 3)
+        perturbed = tokens.clone()
+        perturbed[:, -1] = 1
+
+        training = self.model.training
+        self.model.eval()
+
+        try:
+            with torch.no_grad():
+                before, after = (self.logits(self(inputs)) for inputs in (tokens, perturbed))
+        except TypeError:
+            if strict:
+                raise
+            return None
+        finally:
+            self.model.train(training)
+
+        return torch.allclose(before[:, :-1].float(), after[:, :-1].float(), atol = 1e-5, rtol = 1e-4)
+
 @dataclass
 class DecodeState:
     """One model's cache during one `generate` call. Anchor and augments each have their own."""

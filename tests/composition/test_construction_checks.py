@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import NUM_TOKENS, decoder, encoder, tokens
+from hf_models import LLAMA_LIKE, VOCAB
+
+from calm_pytorch import CALM, AugmentParams
+
+# what construction finds out about the models and refuses, before a wrong result can be trained
+
+def bert_for_masked_lm():
+    return transformers.BertForMaskedLM(transformers.BertConfig(**{**LLAMA_LIKE, 'hidden_size': 16})).eval()
+
+BIDIRECTIONAL_ANCHORS = {
+    'xt_encoder': (lambda: encoder(dim = 32, depth = 2), NUM_TOKENS),
+    'bert_for_masked_lm': (bert_for_masked_lm, VOCAB),
+}
+
+@pytest.mark.parametrize('anchor', BIDIRECTIONAL_ANCHORS)
+def test_a_bidirectional_anchor_is_refused_for_next_token_training_and_generation(anchor):
+    build, vocab = BIDIRECTIONAL_ANCHORS[anchor]
+    calm = CALM(build(), decoder(dim = 24, depth = 2, num_tokens = vocab), attn_kwargs = dict(heads = 2, dim_head = 16))
+    seq = torch.randint(0, vocab, (2, 8))
+
+    with pytest.raises(ValueError, match = r'anchor .* is not causal.*bidirectional.*its next-token loss would see the token it predicts'):
+        calm(seq)
+
+    with pytest.raises(ValueError, match = r'not causal.*next-token loss'):
+        calm(input_ids = seq, labels = seq)
+
+    with pytest.raises(ValueError, match = r'not causal.*generation would see'):
+        calm.generate(seq, max_new_tokens = 2)
+
+    # its logits alone are no next-token prediction: still available
+    assert calm(seq, return_loss = False).shape == (2, 8, vocab)
+
+def test_a_causal_anchor_is_recorded_as_causal():
+    calm = CALM(decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2), attn_kwargs = dict(heads = 2, dim_head = 16))
+    assert calm.anchor_is_causal is True
+    assert torch.isfinite(calm(tokens()))
