@@ -64,7 +64,7 @@ def derive_wiring(
 
     connections = tuple(
         validate_connections(augment.connections, num_layers, num_anchor_layers, index) if exists(augment.connections)
-        else default_connections(num_layers, num_anchor_layers, augment.connect_every_num_layers)
+        else default_connections(num_layers, num_anchor_layers, spacing(augment.connect_every_num_layers, num_layers, index))
         for index, (augment, num_layers) in enumerate(zip(augments, num_augment_layers))
     )
 
@@ -106,6 +106,22 @@ def derive_wiring(
     ]
 
     return Wiring(connections, num_augment_layers, anchor_positions, anchor_sites, augment_keys, reads_final_state, widths)
+
+def spacing(every: int | None, num_layers: int, index: int) -> int:
+    """The automatic wiring's spacing: the paper's 4 by default (an augment shallower than that feeds
+    its last layer); a spacing given larger than the augment's depth is refused."""
+
+    if not exists(every):
+        return 4
+
+    if every > num_layers:
+        raise ValueError(
+            f'augment_llms[{index}].connect_every_num_layers = {every}, but augment {index} has {num_layers} layers: '
+            f'no {every}th layer to connect. Give a spacing of at most {num_layers}, '
+            f'or choose the layers: connections = (({num_layers}, anchor_layer),)'
+        )
+
+    return every
 
 def positions_per_layer(position, num_layers: int, name: str) -> tuple[HiddenPosition, ...]:
     positions = cast_tuple(position, num_layers)

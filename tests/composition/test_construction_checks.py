@@ -40,3 +40,20 @@ def test_a_causal_anchor_is_recorded_as_causal():
     calm = CALM(decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2), attn_kwargs = dict(heads = 2, dim_head = 16))
     assert calm.anchor_is_causal is True
     assert torch.isfinite(calm(tokens()))
+
+# the automatic wiring's spacing
+
+def test_a_spacing_deeper_than_the_augment_is_refused():
+    with pytest.raises(ValueError, match = r'connect_every_num_layers = 8, but augment 0 has 6 layers.*at most 6.*connections = \(\(6, anchor_layer\),\)'):
+        CALM(decoder(dim = 32, depth = 4), AugmentParams(model = decoder(dim = 24, depth = 6), connect_every_num_layers = 8))
+
+    # a spacing the augment honours wires every n-th layer
+    calm = CALM(decoder(dim = 32, depth = 4), AugmentParams(model = decoder(dim = 24, depth = 6), connect_every_num_layers = 3))
+    assert calm.connections == (((3, 2), (6, 4)),)
+
+def test_the_default_spacing_is_the_papers_and_feeds_a_shallow_augment_its_last_layer():
+    deep = CALM(decoder(dim = 32, depth = 4), decoder(dim = 24, depth = 8))
+    assert deep.connections == (((4, 2), (8, 4)),)
+
+    shallow = CALM(decoder(dim = 32, depth = 4), decoder(dim = 24, depth = 2))
+    assert shallow.connections == (((2, 4),),)
