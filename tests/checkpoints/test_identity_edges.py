@@ -45,3 +45,14 @@ def test_state_that_changes_with_use_is_not_part_of_the_identity(tmp_path):
     # other weights are still told apart
     with pytest.raises(CompositionMismatchError, match = 'weights differ'):
         compose(seed = 5).load(path)
+
+# the file
+
+def test_the_same_composition_saves_to_byte_identical_files(tmp_path):
+    calm = compose(seed = 0)
+    files = [calm.save(tmp_path / f'composition_{index}.safetensors').read_bytes() for index in range(6)]
+
+    assert all(raw == files[0] for raw in files)
+    loaded = compose(seed = 3)
+    loaded.load(tmp_path / 'composition_5.safetensors', strict_models = False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.cross_attns.parameters(), calm.cross_attns.parameters()))
