@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from calm_pytorch import CALM, AugmentParams, FineTuner
+from calm_pytorch import CALM, AugmentParams, FineTuner, read_wiring
 from calm_pytorch.training.fsdp import local_and_global_numel
 from calm_pytorch.training.step_checkpoints import checkpoints
 
@@ -144,6 +144,16 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_loads_anywhere(ranks
         logits = fresh(PROBE, return_loss = False)
 
     assert (logits - ranks[0]['logits']).abs().max() <= 1e-5
+
+def test_a_checkpoint_written_under_fsdp_names_the_models_own_classes(ranks):
+    out_dir, _ = ranks
+    path = out_dir / 'run' / 'step-00000003' / 'composition.safetensors'
+    wiring, single = read_wiring(path), read_wiring(build(hf_anchor = True).save(out_dir / 'single.safetensors'))
+
+    # FSDP2 swaps each sharded module's class for a generated FSDP<Class>: the file names the model's own
+    assert (wiring['anchor'], wiring['augments'][0]['model']) == ('LlamaForCausalLM', 'TransformerWrapper')
+    assert (wiring['models']['anchor']['model'], wiring['models']['augments'][0]['model']) == ('LlamaForCausalLM', 'TransformerWrapper')
+    assert (wiring['anchor'], wiring['augments'][0]['model']) == (single['anchor'], single['augments'][0]['model'])
 
 def test_fsdp_resume_equals_uninterrupted_run(ranks):
     _, ranks = ranks
