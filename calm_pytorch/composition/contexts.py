@@ -156,8 +156,11 @@ def text_aligned_context(calm: Composition, index: int, seq: Tensor, mask: Tenso
     inputs = to_model(alignment.ids, adapter.model, 'seq')
     inputs_mask = alignment.mask.to(inputs.device)
 
+    # a batch of no rows has no padding to mask (and x-transformers cannot mask zero rows)
+    model_mask = inputs_mask if inputs.shape[0] > 0 else None
+
     with torch.no_grad():
-        hiddens = recorder(lambda: adapter(inputs, inputs_mask), inputs.shape[-1])
+        hiddens = recorder(lambda: adapter(inputs, model_mask), inputs.shape[-1])
 
     hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
     hiddens = {key: rearrange(hidden, '(b r) m d -> b (r m) d', r = alignment.runs) for key, hidden in hiddens.items()}

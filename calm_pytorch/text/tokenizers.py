@@ -20,6 +20,9 @@ class AnchorText:
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         tokenizer = self.tokenizer
 
+        if len(sequences) == 0:
+            return []
+
         if callable(getattr(tokenizer, 'batch_decode', None)):
             # transformers: no clean-up, which would rewrite " ." as "." depending on what follows
             return tokenizer.batch_decode(sequences, skip_special_tokens = True, clean_up_tokenization_spaces = False)
@@ -54,6 +57,9 @@ class AugmentText:
         self.prefix = self.leading_special_tokens() if self.kind != 'plain' else []
 
     def raw_encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if len(texts) == 0:
+            return []  # a batch of no rows (transformers cannot encode an empty batch)
+
         if self.kind == 'transformers':
             return self.tokenizer(texts, add_special_tokens = add_special_tokens, padding = False, truncation = False)['input_ids']
 
