@@ -262,10 +262,10 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         if not exists(seq):
             raise TypeError('CALM needs the anchor\'s tokens: `calm(seq)`, or `calm(input_ids = ...)` as a transformers model')
 
-        mask = check_anchor_inputs(self, seq, mask, min_len = 2 if return_loss else 1)
+        seq, mask = check_anchor_inputs(self, seq, mask, min_len = 2 if return_loss else 1)
 
         if exists(labels):
-            check_labels(labels, seq, 'seq')
+            labels = check_labels(labels, seq, 'seq')
 
         if return_loss:
             check_causal_anchor(self, 'its next-token loss')

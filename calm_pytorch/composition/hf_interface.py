@@ -72,11 +72,11 @@ def hf_forward(
     anchor_kwargs.pop('return_dict', None)  # always a dict
 
     if exists(labels):
-        check_labels(labels, input_ids, 'input_ids')
+        labels = check_labels(labels, input_ids, 'input_ids')
         check_causal_anchor(calm, 'its next-token loss')
 
     # the anchor reads all of input_ids: the labels are shifted below, not the tokens
-    attention_mask = check_anchor_inputs(calm, input_ids, attention_mask, min_len = 1)
+    input_ids, attention_mask = check_anchor_inputs(calm, input_ids, attention_mask, min_len = 1, name = 'input_ids')
     logits = composed_logits(calm, input_ids, attention_mask, **calm_kwargs, **anchor_kwargs)
 
     loss = None

@@ -25,7 +25,10 @@ def check_causal_anchor(calm, use: str):
             'Use a causal decoder as the anchor; a bidirectional model can be an augment that reads its own input (`prompt=`)'
         )
 
-def check_tokens(tokens: Tensor, name: str, min_len: int = 1):
+def check_tokens(tokens: Tensor, name: str, min_len: int = 1) -> Tensor:
+    """Token ids of any integer dtype (int32 from a tokenizer, uint8 / int16 from a compact dataset)
+    come back as torch.long, which embeddings and the loss take."""
+
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f'`{name}` must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}')
 
@@ -34,6 +37,8 @@ def check_tokens(tokens: Tensor, name: str, min_len: int = 1):
 
     if tokens.shape[1] < min_len:
         raise ValueError(f'`{name}` must have at least {min_len} token(s) (a loss needs 2: inputs and next-token labels), got shape {tuple(tokens.shape)}')
+
+    return tokens.long()
 
 def check_mask(mask: Tensor, like: Tensor, name: str, like_name: str) -> Tensor:
     if mask.shape != like.shape:
@@ -44,7 +49,7 @@ def check_mask(mask: Tensor, like: Tensor, name: str, like_name: str) -> Tensor:
 
     return mask.bool()
 
-def check_labels(labels: Tensor, like: Tensor, like_name: str):
+def check_labels(labels: Tensor, like: Tensor, like_name: str) -> Tensor:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f'`labels` must hold integer token ids (-100 where ignored), got dtype {labels.dtype}')
 
@@ -53,6 +58,8 @@ def check_labels(labels: Tensor, like: Tensor, like_name: str):
             f'`labels` must have the shape of `{like_name}` {tuple(like.shape)}, got {tuple(labels.shape)}: '
             'they are aligned with the tokens, not shifted (the shift to next-token targets happens inside)'
         )
+
+    return labels.long()
 
 def per_augment(value, num_augments: int, name: str) -> list:
     if not isinstance(value, (list, tuple)):

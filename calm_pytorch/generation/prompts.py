@@ -41,7 +41,7 @@ def prepare_prompt(calm: Composition, prompt: Tensor | Sequence[Tensor], prompt_
 
         prompt, prompt_mask = left_pad(list(prompt))
 
-    check_tokens(prompt, 'prompt')
+    prompt = check_tokens(prompt, 'prompt')
 
     if exists(prompt_mask):
         prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
