@@ -23,7 +23,7 @@ from calm_pytorch.composition.forward import check_anchor_inputs, composed_logit
 from calm_pytorch.composition.freezing import freeze_models
 from calm_pytorch.composition.hf_interface import CALMOutput, hf_forward
 from calm_pytorch.composition.injection import AnchorInjector, AugmentContext, Connection
-from calm_pytorch.composition.inputs import check_causal_anchor, check_labels, check_usable
+from calm_pytorch.composition.inputs import check_causal_anchor, check_labels, check_usable, explain_arguments
 from calm_pytorch.composition.loss import mean_token_loss, shift_for_next_token, shift_labels
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.summary import summarize
@@ -63,6 +63,7 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
     anchor_tokenizer:          the anchor's tokenizer, for augments with a `tokenizer` of their own
                                (aligned mode across tokenizers, docs/tokenizers.md)"""
 
+    @explain_arguments
     @typecheck
     def __init__(
         self,

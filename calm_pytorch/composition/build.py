@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch.nn import Module
 
+from calm_pytorch.composition.inputs import check_model
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.wiring import Connections, default_connections, validate_connections
 from calm_pytorch.helpers import cast_tuple, default, exists
@@ -35,7 +36,15 @@ def augment_list(augment_llms, augment_llm) -> list[AugmentParams]:
     if len(augments) == 0:
         raise ValueError('`augment_llms` is empty; pass at least one augmenting model')
 
-    return [augment if isinstance(augment, AugmentParams) else AugmentParams(model = augment) for augment in augments]
+    augments = [augment if isinstance(augment, AugmentParams) else AugmentParams(model = augment) for augment in augments]
+
+    for index, augment in enumerate(augments):
+        check_model(augment.model, f'augment_llms[{index}].model')
+
+        if not isinstance(augment.model, Module):
+            raise TypeError(f'`augment_llms[{index}].model` must be a torch.nn.Module, got {type(augment.model).__name__}')
+
+    return augments
 
 @dataclass
 class Wiring:

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.nn import Module
 
 # checks of what a user hands a composition, each error naming the argument, what was given and
 # what was expected
@@ -69,3 +76,50 @@ def per_augment(value, num_augments: int, name: str) -> list:
         raise ValueError(f'`{name}` holds {len(value)} entries but there are {num_augments} augments; pass one per augment, or a single tensor for all')
 
     return list(value)
+
+# a newcomer's mistakes at construction, answered in one line before the type check's long report
+
+MODEL_ARGUMENTS = ('anchor_llm', 'augment_llms', 'augment_llm')
+
+def explain_arguments(init: Callable) -> Callable:
+    """Wraps CALM's constructor (outside its type check): a hub id or a tokenizer where a model
+    belongs, or a dtype written as a string, gets a message that says the fix."""
+
+    signature = inspect.signature(init)
+
+    @wraps(init)
+    def inner(*args, **kwargs):
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+
+        for name in MODEL_ARGUMENTS:
+            value = arguments.get(name)
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+
+            for index, one in enumerate(values):
+                check_model(one, name if values == [value] else f'{name}[{index}]')
+
+        check_composition_dtype(arguments.get('composition_dtype', torch.float32))
+        return init(*args, **kwargs)
+
+    return inner
+
+def check_model(value: Any, name: str):
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f'`{name}` is {str(value)!r}, a name or path: CALM composes models already loaded. '
+            f'Load it first, e.g. transformers.AutoModelForCausalLM.from_pretrained({str(value)!r}), and pass the model'
+        )
+
+    if not isinstance(value, Module) and any(callable(getattr(value, method, None)) for method in ('encode', 'decode', 'encode_batch', 'batch_decode')):
+        raise TypeError(
+            f'`{name}` is a tokenizer ({type(value).__name__}), where a model is expected. Pass the model '
+            '(e.g. transformers.AutoModelForCausalLM.from_pretrained(...)); a tokenizer goes to '
+            '`CALM(..., anchor_tokenizer=...)` or `AugmentParams(model=..., tokenizer=...)`'
+        )
+
+DTYPE_NAMES = {'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16', 'half': 'float16', 'fp32': 'float32', 'float32': 'float32', 'float': 'float32'}
+
+def check_composition_dtype(value: Any):
+    if isinstance(value, str) and value != 'anchor':
+        fix = f'torch.{DTYPE_NAMES[value.lower()]}' if value.lower() in DTYPE_NAMES else 'a floating point torch.dtype, e.g. torch.bfloat16'
+        raise TypeError(f"`composition_dtype` is the string {value!r}; it takes a torch.dtype or 'anchor': write composition_dtype = {fix}")

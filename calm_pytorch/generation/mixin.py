@@ -92,7 +92,7 @@ class GenerationMixin:
     @typecheck
     def composed(
         self,
-        prompt: Tensor | Sequence[Tensor | None],
+        prompt: Tensor | Sequence[Tensor | None] | None = None,
         prompt_mask: Tensor | Sequence[Tensor | None] | None = None
     ) -> AbstractContextManager[Module]:
         """A context in which the anchor itself is composed (context mode): the augments read

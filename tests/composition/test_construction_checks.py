@@ -57,3 +57,37 @@ def test_the_default_spacing_is_the_papers_and_feeds_a_shallow_augment_its_last_
 
     shallow = CALM(decoder(dim = 32, depth = 4), decoder(dim = 24, depth = 2))
     assert shallow.connections == (((2, 4),),)
+
+# a newcomer's mistakes: one line that says what was given, what is expected, and the fix
+
+def test_a_hub_id_where_a_model_belongs_says_to_load_it_first():
+    with pytest.raises(TypeError, match = r"^`anchor_llm` is 'HuggingFaceTB/SmolLM2-135M', a name or path.*AutoModelForCausalLM\.from_pretrained\('HuggingFaceTB/SmolLM2-135M'\)"):
+        CALM('HuggingFaceTB/SmolLM2-135M', decoder(dim = 24, depth = 2))
+
+    with pytest.raises(TypeError, match = r"^`augment_llms` is 'gpt2', a name or path.*Load it first"):
+        CALM(decoder(dim = 32, depth = 2), 'gpt2')
+
+    with pytest.raises(TypeError, match = r"^`augment_llms\[0\]\.model` is 'gpt2', a name or path"):
+        CALM(decoder(dim = 32, depth = 2), AugmentParams(model = 'gpt2'))
+
+def test_a_tokenizer_where_a_model_belongs_says_where_tokenizers_go():
+    from text_tokenizers import byte_bpe
+
+    with pytest.raises(TypeError, match = r'^`anchor_llm` is a tokenizer \(\w+\), where a model is expected.*anchor_tokenizer='):
+        CALM(byte_bpe(), decoder(dim = 24, depth = 2))
+
+    with pytest.raises(TypeError, match = r'^`augment_llms\[1\]` is a tokenizer.*AugmentParams\(model=\.\.\., tokenizer=\.\.\.\)'):
+        CALM(decoder(dim = 32, depth = 2), [decoder(dim = 24, depth = 2), byte_bpe()])
+
+@pytest.mark.parametrize('given, fix', [('bf16', 'torch.bfloat16'), ('fp16', 'torch.float16'), ('float32', 'torch.float32'), ('int8', 'a floating point torch.dtype')])
+def test_a_composition_dtype_written_as_a_string_names_the_torch_dtype(given, fix):
+    with pytest.raises(TypeError, match = rf"^`composition_dtype` is the string '{given}'.*write composition_dtype = {fix}"):
+        CALM(decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2), composition_dtype = given)
+
+def test_composed_without_a_prompt_shows_the_call():
+    calm = CALM(decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2), attn_kwargs = dict(heads = 2, dim_head = 16))
+
+    for call in (lambda: calm.composed(), lambda: calm.composed(None)):
+        with pytest.raises(TypeError, match = r'^`composed\(\)` was given no prompt.*calm\.composed\(prompt = document\).*calm\.generate'):
+            with call():
+                pass
