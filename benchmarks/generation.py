@@ -131,7 +131,7 @@ def main():
                 num_new = total - prompt_len
                 seq = torch.randint(0, NUM_TOKENS, (args.batch, total))
                 prompt = seq[:, :prompt_len]
-                context = lambda length: dict(augment_prompt = seq[:, :prompt_len]) if mode == 'context' else dict()
+                context = lambda length: dict(prompt = seq[:, :prompt_len]) if mode == 'context' else dict()
 
                 # warm up once: allocators, kernels
                 calm.generate(prompt, max_new_tokens = 2, temperature = 0., **context(prompt_len))

@@ -41,7 +41,7 @@ def test_every_integer_dtype_of_token_ids_composes_as_long_ids(models):
                 hf_loss = calm(input_ids = ids, labels = ids).loss,
                 context = calm(seq, prompt = ids, return_loss = False),
                 generated = calm.generate(ids, max_new_tokens = 2, temperature = 0.),
-                generated_with_context = calm.generate(seq, max_new_tokens = 2, temperature = 0., augment_prompt = ids),
+                generated_with_context = calm.generate(seq, max_new_tokens = 2, temperature = 0., prompt = ids),
             )
 
     expected = outputs(seq)
