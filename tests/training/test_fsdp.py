@@ -184,6 +184,14 @@ def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(r
     for rank in ranks:
         assert rank['whole_count'] > 0 and rank['whole_alive'] == 0
 
+def test_fsdp_refuses_quantized_frozen_models_up_front():
+    quantization = pytest.importorskip('torchao.quantization')
+    calm = build(hf_anchor = True)
+    quantization.quantize_(calm.augments[0], quantization.Int8WeightOnlyConfig())  # the x-transformers augment
+
+    with pytest.raises(ValueError, match = r"strategy='fsdp' cannot shard quantized weights: augments\.0\.\S+ \(\w+\).*strategy='ddp'"):
+        finetuner(calm, batch_size = 2, strategy = 'fsdp')
+
 def test_fsdp_refuses_trained_anchor_parameters():
     calm = build(hf_anchor = True)
     calm.anchor.model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # as a LoRA weight would be
