@@ -12,6 +12,7 @@ from torch.nn import Module
 
 from calm_pytorch.helpers import exists
 from calm_pytorch.models.block_names import is_named, resolve_blocks
+from calm_pytorch.models.precision import shapes_only
 from calm_pytorch.models.sites import HiddenPosition, Site, register_read_hook
 
 # an adapter knows one model's calling conventions and where its layers are:
@@ -191,7 +192,7 @@ class ModelAdapter:
         handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]
 
         try:
-            with torch.no_grad():
+            with torch.no_grad(), shapes_only(self.model):
                 self(inputs if exists(inputs) else self.dummy_input())
         finally:
             for handle in handles:
