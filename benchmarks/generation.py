@@ -3,6 +3,7 @@
     python benchmarks/generation.py --quick     # 64 total tokens only, about a minute on one core
     python benchmarks/generation.py            # 64, 256 and 1024 total tokens (several minutes)
     python benchmarks/generation.py --tokenizers --totals 256   # with and without a cross-tokenizer augment
+    python benchmarks/generation.py --hf       # transformers models against their own `generate`
 
 Columns, for each mode (aligned: the augments read the generated sequence; context: they read a
 prompt once) and each number of augments:
@@ -15,6 +16,11 @@ prompt once) and each number of augments:
 one reading the same text through its own tokenizer (docs/tokenizers.md): a byte-level BPE anchor and
 a WordPiece augment, both trained here on a random English-like text whose tokens every step is made to
 write, and reports the time spent decoding, committing and re-tokenizing text per generated token.
+`--hf` compares the composition of two transformers Llamas (anchor width 256, 6 layers; augment
+width 128, 4 layers; 256 prompt tokens + 64 new, batch 1 and 8) with each model's own `generate`
+(its own cache, no composition): context mode against the anchor's; aligned mode, and aligned
+across tokenizers, against the anchor's and the augment's times added (the augment then generates
+the augment tokens of the same text).
 The prompt is a quarter of the total length, the context (context mode) is the prompt itself.
 (c) and (d) recompute everything, so a step costs more the longer the sequence: their rates are
 the mean over `--uncached-samples` steps timed at evenly spaced lengths (a full run at 1024 tokens
@@ -80,7 +86,13 @@ def main():
     parser.add_argument('--uncached-samples', type = int, default = 3)
     parser.add_argument('--no-reference', action = 'store_true', help = 'skip CALM-Pytorch even when importable')
     parser.add_argument('--tokenizers', action = 'store_true', help = 'aligned mode with and without a cross-tokenizer augment')
+    parser.add_argument('--hf', action = 'store_true', help = 'transformers models against their own generate')
+    parser.add_argument('--batches', type = int, nargs = '+', default = (1, 8), help = 'batch sizes of --hf')
     args = parser.parse_args()
+
+    if args.hf:
+        torch.set_num_threads(args.threads)
+        return hf_main(args)
 
     if args.tokenizers:
         torch.set_num_threads(args.threads)
@@ -255,6 +267,87 @@ def tokenizers_main(args):
 
         cross_rate, text_seconds, cross_seconds = rates['cross']
         print(f"| {total} | {rates['same'][0]:.1f} | {cross_rate:.1f} | {1000 * text_seconds / num_new:.2f} | {text_seconds / cross_seconds:.1%} |", flush = True)
+
+# transformers models: the composition against each model's own `generate`
+
+def hf_llama(vocab: int, width: int, depth: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size = vocab, hidden_size = width, num_hidden_layers = depth, num_attention_heads = width // 32,
+        num_key_value_heads = width // 64, intermediate_size = 8 * width // 3, max_position_embeddings = 1024
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # every run writes all its new tokens
+    return model
+
+def copied(model: nn.Module) -> nn.Module:
+    # the own-generate baselines run on copies that carry none of the composition's hooks
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    copy.generation_config.eos_token_id = None
+    return copy
+
+def hf_main(args):
+    prompt_len, num_new = 256, 64
+    anchor_tokenizer, augment_tokenizer = trained_tokenizers()
+
+    # the text written: the cross-tokenizer composition is made to write the next tokens of an
+    # English-like text (its commit and re-tokenizing work depends on real words); the augment's
+    # own generate writes as many tokens as that text has in its tokenizer
+    text = english_like(1000, seed = 4321)
+    anchor_ids = torch.tensor(anchor_tokenizer(text)['input_ids'][:prompt_len + num_new])
+    prompt_text, new_text = (anchor_tokenizer.decode(ids) for ids in (anchor_ids[:prompt_len], anchor_ids[prompt_len:]))
+    augment_prompt = torch.tensor(augment_tokenizer(prompt_text, add_special_tokens = False)['input_ids'])
+    augment_new = len(augment_tokenizer(prompt_text + new_text, add_special_tokens = False)['input_ids']) - len(augment_prompt)
+
+    torch.manual_seed(0)
+    anchor = hf_llama(len(anchor_tokenizer), 256, 6)
+    augment = hf_llama(len(anchor_tokenizer), 128, 4)
+    text_augment = hf_llama(len(augment_tokenizer), 128, 4)
+    bare_anchor, bare_augment, bare_text_augment = copied(anchor), copied(augment), copied(text_augment)
+
+    calms = {
+        'context': trained_away(CALM(anchor, AugmentParams(model = augment))),
+        'aligned': trained_away(CALM(anchor, AugmentParams(model = augment))),
+        'across tokenizers': trained_away(CALM(anchor, AugmentParams(model = text_augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer)),
+    }
+
+    print(f'# torch {torch.__version__}, transformers {__import__("transformers").__version__}, {platform.processor() or platform.machine()}, '
+          f'{torch.get_num_threads()} thread(s), {prompt_len} prompt + {num_new} new tokens, greedy')
+    print('| mode | batch | ratio | goal | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) |')
+    print('|---|---|---|---|---|---|---|')
+
+    for batch in args.batches:
+        prompt = anchor_ids[:prompt_len].expand(batch, -1)
+        forced = anchor_ids[prompt_len:].expand(batch, -1)
+
+        def own(model, ids, new):
+            return timed(lambda: model.generate(ids, attention_mask = torch.ones_like(ids), max_new_tokens = new, do_sample = False), args.reps)
+
+        anchor_seconds = own(bare_anchor, prompt, num_new)
+        augment_seconds = own(bare_augment, prompt, num_new)
+        text_augment_seconds = own(bare_text_augment, augment_prompt.expand(batch, -1), augment_new)
+
+        for mode, calm in calms.items():
+            def write(logits, step = [0]):
+                index = min(step[0], num_new - 1)
+                step[0] += 1
+                return torch.full_like(logits, float('-inf')).scatter(-1, forced[:, index:index + 1], 0.)
+
+            context = dict(prompt = prompt) if mode == 'context' else dict()
+            calm.generate(prompt, max_new_tokens = 2, temperature = 0., **context)  # warm up
+            seconds = timed(lambda: calm.generate(prompt, max_new_tokens = num_new, temperature = 0., filter_fn = lambda logits, step = [0]: write(logits, step), show_progress = False, **context), args.reps)
+
+            if mode == 'context':
+                ratio, goal, augment_rate = anchor_seconds / seconds, 0.9, None
+            else:
+                augment_time = augment_seconds if mode == 'aligned' else text_augment_seconds
+                ratio, goal = (anchor_seconds + augment_time) / seconds, (0.9 if mode == 'aligned' else 0.8)
+                augment_rate = batch * (num_new if mode == 'aligned' else augment_new) / augment_time
+
+            augment_cell = f'{augment_rate:.1f}' if augment_rate else '-'
+            print(f'| {mode} | {batch} | {ratio:.2f} | >= {goal} | {batch * num_new / seconds:.1f} | {batch * num_new / anchor_seconds:.1f} | {augment_cell} |', flush = True)
 
 if __name__ == '__main__':
     main()

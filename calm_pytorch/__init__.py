@@ -9,6 +9,7 @@ from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.hf_interface import CALMOutput
 from calm_pytorch.composition.loss import next_token_loss
 from calm_pytorch.composition.params import AugmentParams
+from calm_pytorch.training.data import DataError
 from calm_pytorch.training.finetuner import FineTuner
 
 _moved.install()
@@ -16,5 +17,5 @@ _moved.install()
 __all__ = [
     'CALM', 'AugmentParams', 'CrossAttentionBlock',
     'CheckpointError', 'CompositionMismatchError', 'read_wiring',
-    'FineTuner', 'next_token_loss', 'CALMOutput'
+    'FineTuner', 'DataError', 'next_token_loss', 'CALMOutput'
 ]

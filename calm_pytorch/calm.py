@@ -21,7 +21,7 @@ from calm_pytorch.composition.contexts import augment_contexts
 from calm_pytorch.composition.cross_attention import CompositionInit, CrossAttentionBlock, check_attn_kwargs
 from calm_pytorch.composition.forward import check_anchor_inputs, composed_logits
 from calm_pytorch.composition.freezing import freeze_models
-from calm_pytorch.composition.hf_interface import CALMOutput, hf_forward
+from calm_pytorch.composition.hf_interface import CALMOutput, CausalLMAttributes, hf_forward
 from calm_pytorch.composition.injection import AnchorInjector, AugmentContext, Connection
 from calm_pytorch.composition.inputs import check_causal_anchor, check_labels, check_usable, explain_arguments
 from calm_pytorch.composition.loss import mean_token_loss, shift_for_next_token, shift_labels
@@ -37,7 +37,7 @@ from calm_pytorch.text.tokenizers import text_readers
 # data flows one way:
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits -> loss
 
-class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, CompositionInit, Module):
+class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, CompositionInit, CausalLMAttributes, Module):
     """Composes a frozen anchor LLM with frozen augmenting models (Bansal et al. 2024).
 
     Only the cross-attention blocks (with their projections) are trained. The anchor and the

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import replace
@@ -112,6 +113,21 @@ def check_scaling(ns: dict, tmp_path: Path):
     linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
     assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
 
+def check_ecosystem(ns: dict, tmp_path: Path):
+    assert 0. <= ns['results']['results']['tiny_choice']['acc,none'] <= 1.
+    assert ns['dpo'].state.log_history[0]['loss'] == pytest.approx(math.log(2), abs = 1e-5)
+    assert (tmp_path / 'runs' / 'sft' / 'final' / 'composition.safetensors').exists()
+
+def check_sharing(ns: dict, tmp_path: Path):
+    assert torch.equal(ns['reloaded_logits'], ns['logits'])
+    assert ns['xt_calm'].anchor is ns['xt_anchor'] and ns['half'].augments[0].dtype == torch.bfloat16
+
+    # the sizes the page states: the composition directory against the frozen models
+    composition_kb, frozen_kb = map(int, re.search(r'here (\d+) KB, where the frozen models take (\d+) KB', (ROOT / 'docs' / 'sharing.md').read_text()).groups())
+    frozen = sum((tmp_path / 'models' / name / 'model.safetensors').stat().st_size for name in ('anchor', 'augment'))
+    assert round((tmp_path / 'my-composition' / 'composition.safetensors').stat().st_size / 1e3) == composition_kb
+    assert round(frozen / 1e3) == frozen_kb
+
 CHECKS = {
     'README.md': check_readme,
     'docs/models.md': check_models,
@@ -121,6 +137,8 @@ CHECKS = {
     'docs/training.md': check_training,
     'docs/huggingface.md': check_huggingface,
     'docs/scaling.md': check_scaling,
+    'docs/ecosystem.md': check_ecosystem,
+    'docs/sharing.md': check_sharing,
 }
 
 PAGES_WITH_SNIPPETS = [page for page in PAGES if len(python_snippets(page)) > 0]

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from calm_pytorch.checkpoints.zero3 import full_shape, gathered, is_partitioned
+
 
 # the identity of a frozen model, saved with a composition checkpoint so that loading it over other
 # models is an error rather than a silent mismatch: the cross-attention learned to read one
@@ -80,10 +82,14 @@ def model_identity(model: Module, *, layers: int, widths: Iterable[int], vocab_s
     samples, unread = [], 0
 
     for name, tensor in tensors:
-        structure.update(f'{name}:{tuple(tensor.shape)};'.encode())
+        structure.update(f'{name}:{full_shape(tensor)};'.encode())
         weights.update(f'{name}:{tensor.dtype};'.encode())
 
-        if readable(tensor):
+        if is_partitioned(tensor):
+            # DeepSpeed ZeRO-3: whole for as long as it takes to read the sample (zero3.py)
+            with gathered([tensor]):
+                samples.append(sample(tensor).clone())
+        elif readable(tensor):
             samples.append(sample(tensor))
         else:
             unread += 1
@@ -137,8 +143,9 @@ def composition_identities(calm) -> dict[str, Any]:
 
 # comparing
 
-def models_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(differences, warnings) over the anchor and every augment, each line naming its model."""
+def models_differences(saved: dict[str, Any], current: dict[str, Any], cast: bool = False) -> tuple[list[str], list[str]]:
+    """(differences, warnings) over the anchor and every augment, each line naming its model.
+    cast: the models were loaded in another dtype on purpose; their values then go uncompared (a warning)."""
 
     named = [('anchor', saved['anchor'], current['anchor'])]
     named += [(f'augment {index}', one, other) for index, (one, other) in enumerate(zip(saved['augments'], current['augments']))]
@@ -146,13 +153,13 @@ def models_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[
     differences, warnings = [], []
 
     for name, one, other in named:
-        found, cannot = identity_differences(one, other)
+        found, cannot = identity_differences(one, other, cast)
         differences += [f'{name}: {line}' for line in found]
         warnings += [f'{name}: {line}' for line in cannot]
 
     return differences, warnings
 
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+def identity_differences(saved: dict[str, Any], current: dict[str, Any], cast: bool = False) -> tuple[list[str], list[str]]:
     """(differences, warnings): what tells the models apart, and what could not be compared."""
 
     differences, warnings = [], []
@@ -164,7 +171,7 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> tupl
     if saved.get('tensors') != current.get('tensors'):
         differences.append('its tensors (names and shapes) differ')
     elif saved.get('dtypes') != current.get('dtypes'):
-        differences.append(f'its weights are {"/".join(current.get("dtypes", []))} here, {"/".join(saved.get("dtypes", []))} in the checkpoint, so their values cannot be compared')
+        (warnings if cast else differences).append(f'its weights are {"/".join(current.get("dtypes", []))} here, {"/".join(saved.get("dtypes", []))} in the checkpoint, so their values cannot be compared')
     elif saved.get('unread') != current.get('unread'):
         warnings.append(f'its weights could not be compared: {saved.get("unread")} tensors were unreadable (meta device, quantized or sharded) when saved, {current.get("unread")} here')
     elif saved.get('weights') != current.get('weights'):

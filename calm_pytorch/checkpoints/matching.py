@@ -50,7 +50,7 @@ def check_fits(calm: Module, saved: dict[str, Any], tensors: dict[str, Tensor], 
         f'(the saved wiring: calm_pytorch.read_wiring({str(path)!r}))'
     )
 
-def check_models(calm: Module, saved: dict[str, Any], path: Path, strict: bool):
+def check_models(calm: Module, saved: dict[str, Any], path: Path, strict: bool, cast: bool = False):
     if 'models' not in saved:
         warnings.warn(
             f'{path} was written by calm-compose {saved.get("library_version")} without the identity of its frozen models, so nothing '
@@ -59,7 +59,7 @@ def check_models(calm: Module, saved: dict[str, Any], path: Path, strict: bool):
         )
         return
 
-    differences, cannot = models_differences(saved['models'], composition_identities(calm))
+    differences, cannot = models_differences(saved['models'], composition_identities(calm), cast)
 
     for line in cannot:
         warnings.warn(f'{path}: {line}', stacklevel = 3)

@@ -16,6 +16,7 @@ from calm_pytorch.checkpoints.contents import ANCHOR_PREFIX, FORMAT, PREFIX, com
 from calm_pytorch.checkpoints.file_format import CheckpointError, digest, read_bytes, split_file, verified_wiring
 from calm_pytorch.checkpoints.fingerprint import composition_identities
 from calm_pytorch.checkpoints.matching import check_fits, check_models
+from calm_pytorch.checkpoints.zero3 import gathered, refuse_partitioned_load, writes_the_file
 from calm_pytorch.helpers import typecheck
 
 @typecheck
@@ -24,8 +25,15 @@ def save_composition(calm: Module, path: str | os.PathLike) -> Path:
     `path` is either the previous checkpoint or the new one, whole."""
 
     path = Path(path)
-    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in composition_state_dict(calm).items()}
+
+    # under DeepSpeed ZeRO-3 every process gathers (zero3.py); the first one writes
+    with gathered([*calm.cross_attns.parameters(), *(param for param in calm.anchor.parameters() if param.requires_grad)]):
+        tensors = {key: tensor.detach().cpu().clone().contiguous() for key, tensor in composition_state_dict(calm).items()}
+
     wiring_json = json.dumps(composition_wiring(calm) | dict(models = composition_identities(calm)), sort_keys = True)
+
+    if not writes_the_file(calm):
+        return path
 
     # the tensor bytes do not depend on the metadata: serialise once to hash them, then again with the hash
 
@@ -43,15 +51,18 @@ def canonical_file(header: dict, data: bytes) -> bytes:
     return len(encoded).to_bytes(8, 'little') + encoded + data
 
 @typecheck
-def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool = True) -> dict[str, Any]:
+def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool = True, cast: bool = False) -> dict[str, Any]:
     """Loads composition weights saved by `save_composition` into `calm`, whose frozen models and
     wiring must match the saved one. Everything is checked before any weight is touched: on error
     `calm` is unchanged. Returns the checkpoint's wiring.
 
     strict_models: frozen models other than those the checkpoint was trained over (another class,
-    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning"""
+    depth, vocabulary, or the same shapes with other weights) are an error; False makes it a warning
+    cast: the frozen models were loaded in another dtype than saved, on purpose: their weights'
+    values cannot be compared (a warning), everything else is"""
 
     path = Path(path)
+    refuse_partitioned_load(calm, path)
     raw = read_bytes(path)
     wiring = verified_wiring(raw, path)
 
@@ -61,7 +72,7 @@ def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool 
         raise CheckpointError(f'{path} is corrupted: safetensors could not read it ({error})') from None
 
     check_fits(calm, wiring, tensors, path)
-    check_models(calm, wiring, path, strict_models)
+    check_models(calm, wiring, path, strict_models, cast)
 
     anchor_params = dict(calm.anchor.named_parameters())
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from calm_pytorch.composition.forward import check_anchor_inputs, composed_logits
@@ -9,6 +11,7 @@ from calm_pytorch.composition.inputs import check_causal_anchor, check_labels
 from calm_pytorch.composition.loss import token_loss
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
+from calm_pytorch.models.precision import floating_dtype, model_device
 
 # CALM called with Hugging Face's names (`input_ids`, `attention_mask`, `labels`) behaves as a
 # transformers causal LM, so that `Trainer`, Accelerate loops and HF-style datasets work unchanged:
@@ -46,6 +49,65 @@ class CALMOutput(dict):
 
     def to_tuple(self) -> tuple:
         return tuple(self.values())
+
+# a pytree node, as transformers registers its ModelOutputs: torch.export (and anything else that
+# flattens outputs) sees the tensors inside it and rebuilds the same dict around the results.
+# The keys present (None entries are dropped) are the node's context
+
+def flatten_output(output: CALMOutput) -> tuple[list[Tensor], list[str]]:
+    return list(output.values()), list(output.keys())
+
+def unflatten_output(values, keys: list[str]) -> CALMOutput:
+    return CALMOutput(zip(keys, values))
+
+def flatten_output_with_keys(output: CALMOutput):
+    return [(pytree.MappingKey(key), value) for key, value in output.items()], list(output.keys())
+
+pytree.register_pytree_node(
+    CALMOutput,
+    flatten_output,
+    unflatten_output,
+    serialized_type_name = f'{CALMOutput.__module__}.{CALMOutput.__name__}',
+    flatten_with_keys_fn = flatten_output_with_keys
+)
+
+class CausalLMAttributes:
+    """Mixin giving CALM the attributes that tools taking a transformers causal LM read of the
+    model before they call it (Trainer, TRL, lm_eval, model cards): `.device` and `.dtype` (the
+    anchor's, where `input_ids` go and what precision the logits come in), `.config` (a
+    `CALMConfig`, composition/hf_config.py; needs transformers), `.name_or_path` and
+    `main_input_name`."""
+
+    main_input_name = 'input_ids'
+
+    @property
+    def device(self) -> torch.device:
+        device = model_device(self.anchor)
+        return device if exists(device) else model_device(self.cross_attns)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = floating_dtype(self.anchor)
+        return dtype if exists(dtype) else floating_dtype(self.cross_attns)
+
+    @property
+    def config(self):
+        # built once, at the first read: tools set fields on it (Trainer sets `use_cache`) and
+        # expect them to stay; kept out of the module's state (a plain attribute, not a buffer)
+        if '_calm_config' not in self.__dict__:
+            try:
+                from calm_pytorch.composition.hf_config import composition_config
+            except ImportError as error:
+                # an AttributeError: a tool's getattr(model, 'config', None) reads "no config", as for any model without one
+                raise AttributeError(f'`calm.config` is a transformers config: install transformers (pip install "calm-compose[hf]"); {error}') from error
+
+            self.__dict__['_calm_config'] = composition_config(self)
+
+        return self.__dict__['_calm_config']
+
+    @property
+    def name_or_path(self) -> str:
+        return self.config.name_or_path
 
 def hf_forward(
     calm: Composition,

@@ -65,10 +65,15 @@ class AnchorInjector:
         # forward's `query_len`; the forward's queries end where the context ends (for a
         # one-call forward this is the offset j - i)
 
-        seen = call.positions_seen.get(site_key, 0)
         num_queries = hidden.shape[-2]
-        call.positions_seen[site_key] = seen + num_queries
-        total = max(seen + num_queries, call.query_len or 0)
+
+        if exists(call.query_len):
+            seen = call.positions_seen.get(site_key, 0)
+            call.positions_seen[site_key] = seen + num_queries
+            total = max(seen + num_queries, call.query_len)
+        else:
+            # no count kept: under torch.compile an integer that changes per call recompiles per call
+            seen, total = 0, num_queries
 
         delta = 0.
 

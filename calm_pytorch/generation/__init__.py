@@ -1,7 +1,7 @@
-"""Generation: the decoding loop with one cache per model (`decoding.py`, with `kv_buffers.py` and,
-for an augment aligned across tokenizers, `text_stream.py`), sampling (`sampling.py`), prompts
-(`prompts.py`), and `composed()`, in which the anchor's own `generate()` is composed
-(`composed_anchor.py`). `mixin.py` gives CALM `generate` and `composed`.
+"""Generation: the decoding loop with one cache per model (`decoding.py`, with `kv_buffers.py`; for
+an augment aligned across tokenizers, `text_stream.py`; with sharded models, `lockstep.py`),
+sampling (`sampling.py`), prompts (`prompts.py`), and `composed()`, in which the anchor's own
+`generate()` is composed (`composed_anchor.py`). `mixin.py` gives CALM `generate` and `composed`.
 
 May import: calm_pytorch.helpers, calm_pytorch.models, calm_pytorch.text, calm_pytorch.composition
 """

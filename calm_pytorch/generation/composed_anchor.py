@@ -12,7 +12,7 @@ from calm_pytorch.composition.contexts import augment_contexts
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.inputs import check_usable
 from calm_pytorch.composition.protocol import Composition
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import PerThread, exists
 
 # the anchor's own forward and generate(), composed in context mode: the augments run once on
 # their prompts, and every anchor call inside the `with` block cross-attends to what they recorded.
@@ -36,16 +36,40 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
     first = next((arg for arg in args if isinstance(arg, Tensor)), None)
     return first.shape[0] if exists(first) else None
 
+class ThreadRole(PerThread):
+    """Whether the calling thread is composed by one `composed(...)` block: None until its first
+    anchor call decides it, then True or False for the thread's life (the opener: True until exit)."""
+
+    def __init__(self):
+        self.composed: bool | None = None
+        self.started_inside = False
+
 class ContextsForBatch:
-    """Forward pre-hook on the anchor: before each call in the thread that opened the block, hands
-    the injector the contexts expanded to the call's batch size. A hook object, not a closure, like
-    every hook of the package."""
+    """Forward pre-hook on the anchor: before each call of a thread the block composes, hands the
+    injector the contexts expanded to the call's batch size. A hook object, not a closure, like
+    every hook of the package.
+
+    The block composes the thread that opened it, while it is open, and every thread started while
+    it is open (a streamer's `generate` thread), for as long as that thread runs: a thread reading
+    the plain anchor halfway through its generation would be a silent wrong result. Threads that
+    were running before the block opened keep the plain anchor. The hooks go once the block has
+    closed and the threads started inside it have ended."""
 
     def __init__(self, calm: Composition, contexts: list[AugmentContext]):
         self.injector = calm.injector
-        self.thread = threading.get_ident()
         self.batch = next(iter(contexts[0].hiddens.values())).shape[0]
         self.by_batch = {self.batch: contexts}
+        self.role = ThreadRole()
+        self.role.composed = True  # the opener
+        self.opener = threading.current_thread()
+        self.running_before = set(threading.enumerate())
+        self.started_inside: set[threading.Thread] | None = None  # known once the block closes
+        self.handles: list = []
+
+    def __getstate__(self):
+        # threads cannot be copied or pickled, nor are they the model's: a copy of the anchor made
+        # inside the block (deepcopy, pickle) composes no thread
+        return {**vars(self), 'opener': None, 'running_before': set(), 'started_inside': set()}
 
     def owns(self, contexts) -> bool:
         return any(contexts is own for own in self.by_batch.values())
@@ -62,21 +86,66 @@ class ContextsForBatch:
 
         return self.by_batch[batch]
 
+    def started_in_block(self, thread: threading.Thread) -> bool:
+        if exists(self.started_inside):
+            return thread in self.started_inside
+
+        return thread is not self.opener and thread not in self.running_before
+
+    def claims(self, module: Module, thread: threading.Thread) -> bool:
+        if not self.started_in_block(thread):
+            return False
+
+        others = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, ContextsForBatch) and hook is not self]
+        if any(other.started_in_block(thread) for other in others):
+            raise RuntimeError(
+                f'thread {thread.name!r} called the anchor and was started while `composed(...)` blocks were open in several threads '
+                f'({self.opener.name!r} and {", ".join(repr(other.opener.name) for other in others)}): which composition it reads is ambiguous. '
+                'Start it while only one block is open, or open the block in the thread that calls the anchor'
+            )
+
+        return True
+
     def __call__(self, module: Module, args: tuple, kwargs: dict | None = None):
-        # the anchor called by another thread meanwhile is not composed by this block. That thread
-        # may meet this hook half registered or half removed, when torch calls it without kwargs
-        if threading.get_ident() != self.thread:
+        role = self.role
+
+        if role.composed is None:
+            role.composed = role.started_inside = self.claims(module, threading.current_thread())
+
+        if not role.composed:
+            if exists(self.started_inside):
+                self.release_if_done()
             return None
 
         call = self.injector.call
 
-        # a CALM forward inside the block sets its own contexts: leave them alone
+        # a CALM forward inside the block sets its own contexts: leave them alone. (Torch may call
+        # a hook that is being removed by another thread without kwargs)
         if exists(call.contexts) and not self.owns(call.contexts):
             return None
 
-        batch = call_batch_size(args, kwargs)
+        batch = call_batch_size(args, kwargs or {})
         call.contexts = self.for_batch(batch if exists(batch) else self.batch)
         return None
+
+    def after(self, module: Module, args: tuple, output):
+        # a thread started inside the block holds the contexts for one call at a time: its own
+        # CALM forwards and `composed(...)` blocks find them unset
+        call = self.injector.call
+        if self.role.started_inside and exists(call.contexts) and self.owns(call.contexts):
+            call.contexts = None
+
+    def close(self):
+        # in the opener, on exit: the opener is plain again; threads started inside keep the composition
+        self.role.composed = False
+        self.started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
+        self.running_before = set()
+        self.release_if_done()
+
+    def release_if_done(self):
+        if not any(thread.is_alive() for thread in self.started_inside):
+            for handle in self.handles:
+                handle.remove()
 
 @contextmanager
 def composed_anchor(
@@ -115,11 +184,15 @@ def composed_anchor(
 
     set_contexts = ContextsForBatch(calm, contexts)
     # on the model the adapter calls: a PEFT wrapper's generate() calls its base model, not itself
-    handle = calm.anchor_adapter.model.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True)
+    model = calm.anchor_adapter.model
+    set_contexts.handles = [
+        model.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True),
+        model.register_forward_hook(set_contexts.after, always_call = True)
+    ]
     call.contexts = contexts
 
     try:
         yield calm.anchor
     finally:
-        handle.remove()
+        set_contexts.close()
         call.contexts = None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -12,10 +13,11 @@ from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import KVBuffer
+from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.generation.sampling import sample
 from calm_pytorch.generation.text_stream import TextStream
 from calm_pytorch.helpers import exists
-from calm_pytorch.models.adapter import DecodeState
+from calm_pytorch.models.adapter import DecodeState, ModelAdapter
 
 # axes
 # b - batch
@@ -26,6 +28,21 @@ from calm_pytorch.models.adapter import DecodeState
 # v - vocabulary
 
 # one generate call: the state it keeps (ComposedDecoder), and the loop (generate)
+
+def warn_once_if_recomputing(adapter: ModelAdapter):
+    # cached and recomputed decoding give the same tokens, so a model that silently lost its cache
+    # would only be slow: say so, once per model
+    reason = adapter.why_no_cache
+
+    if not exists(reason) or getattr(adapter, 'warned_recomputing', False):
+        return
+
+    adapter.warned_recomputing = True
+    warnings.warn(
+        f'{adapter.name} ({type(adapter.model).__name__}) cannot decode incrementally: {reason}. '
+        'generate recomputes its whole sequence at every step (same tokens, more work)',
+        stacklevel = 6  # the user's `calm.generate` (through the loop, no_grad and the mixin)
+    )
 
 class ComposedDecoder:
     """The state of one `generate` call: a cache for the anchor, a separate cache for each aligned
@@ -62,10 +79,18 @@ class ComposedDecoder:
         ]
 
         self.fixed: list[AugmentContext | None] = [None] * len(prompts)
+        self.lockstep = Lockstep(calm)
+
+        if use_cache:
+            warn_once_if_recomputing(calm.anchor_adapter)
+
+            for index, aligned in enumerate(self.aligned):
+                if aligned:
+                    warn_once_if_recomputing(calm.augment_adapters[index])
 
         # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
         self.streams = [
-            TextStream(calm, index, tokens.shape[0]) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
+            TextStream(calm, index, tokens.shape[0], self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
             for index, aligned in enumerate(self.aligned)
         ]
 
@@ -163,9 +188,11 @@ def generate(
     eos_id: int | None,
     pad_id: int,
     use_cache: bool,
-    show_progress: bool | None
+    show_progress: bool | None,
+    streamer = None
 ) -> Tensor:
-    """The loop behind `CALM.generate`; arguments are checked there. Returns (b, num_new)."""
+    """The loop behind `CALM.generate`; arguments are checked there. Returns (b, num_new).
+    streamer: Hugging Face's protocol, `put` the prompt then each new token (b,); `end` is the caller's"""
 
     batch, prompt_len = prompt.shape
     total = prompt_len + num_new
@@ -177,8 +204,12 @@ def generate(
     seq_mask = F.pad(prompt_mask, (0, num_new), value = True) if exists(prompt_mask) else None
 
     decoder = ComposedDecoder(calm, prompt, prompt_mask, augment_prompts, augment_prompt_masks, total, use_cache)
+    decoder.lockstep.check_same(max_new_tokens = num_new, use_cache = int(use_cache))
 
     done = torch.zeros(batch, dtype = torch.bool, device = prompt.device)
+
+    if exists(streamer):
+        streamer.put(prompt.cpu())
 
     # a bar for long generations; None leaves tqdm to hide it where stderr is not a terminal
     disable = not show_progress if exists(show_progress) else (True if num_new < 256 else None)
@@ -196,10 +227,15 @@ def generate(
         seq[:, length] = token
         length += 1
 
+        if exists(streamer):
+            # the tokens returned: pad_id for rows that ended before
+            streamer.put(token.masked_fill(done, pad_id).cpu())
+
         if exists(eos_id):
             done = done | (token == eos_id)
 
-        if exists(eos_id) and bool(done.all()):
+        # with sharded models, only once every process's rows have ended
+        if decoder.lockstep.all_done(exists(eos_id) and bool(done.all())):
             break
 
     new = seq[:, prompt_len:length]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,8 @@ class GenerationMixin:
         eos_id: int | None = None,
         pad_id: int | None = None,
         use_cache: bool = True,
-        show_progress: bool | None = None
+        show_progress: bool | None = None,
+        streamer: Any = None
     ) -> Tensor:
         """Continues `seq` through the composition; returns the new tokens (b, n_new). The names are
         those of the forward: `seq` and `mask` are the anchor's, `prompt` and `prompt_mask` the augments'.
@@ -64,7 +66,10 @@ class GenerationMixin:
         use_cache:           decode one token per step with KV caches (anchor and each aligned
                              augment separately, context keys and values projected once);
                              False recomputes the whole composition every step (for checking)
-        show_progress:       a progress bar; None shows it for 256 new tokens or more on a terminal"""
+        show_progress:       a progress bar; None shows it for 256 new tokens or more on a terminal
+        streamer:            a Hugging Face streamer (`TextStreamer`, `TextIteratorStreamer`) or any
+                             object with `put` and `end`: `put(prompt)`, then `put(tokens)` (b,) at
+                             each step (pad_id for ended rows), then `end()`"""
 
         check_usable(self)
         seq, mask, augment_prompt, augment_prompt_mask = renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_prompt_mask)
@@ -74,27 +79,36 @@ class GenerationMixin:
         check_sampling(temperature, top_k, top_p, min_p)
 
         num_augments = len(self.augments)
-        augment_prompts = per_augment(augment_prompt, num_augments, 'augment_prompt')
-        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'augment_prompt_mask')
+        augment_prompts = per_augment(augment_prompt, num_augments, 'prompt')
+        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'prompt_mask')
         check_total_length(self, prompt.shape[-1] + num_new, augment_prompts)
 
-        return generate(
-            self,
-            prompt,
-            prompt_mask,
-            num_new,
-            augment_prompts = augment_prompts,
-            augment_prompt_masks = augment_prompt_masks,
-            temperature = temperature,
-            filter_fn = filter_fn,
-            top_k = top_k,
-            top_p = top_p,
-            min_p = min_p,
-            eos_id = eos_id,
-            pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
-            use_cache = use_cache,
-            show_progress = show_progress
-        )
+        if exists(streamer) and not (callable(getattr(streamer, 'put', None)) and callable(getattr(streamer, 'end', None))):
+            raise TypeError(f'`streamer` must have `put(tokens)` and `end()` methods, as Hugging Face\'s streamers do; got {type(streamer).__name__}')
+
+        try:
+            return generate(
+                self,
+                prompt,
+                prompt_mask,
+                num_new,
+                augment_prompts = augment_prompts,
+                augment_prompt_masks = augment_prompt_masks,
+                temperature = temperature,
+                filter_fn = filter_fn,
+                top_k = top_k,
+                top_p = top_p,
+                min_p = min_p,
+                eos_id = eos_id,
+                pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
+                use_cache = use_cache,
+                show_progress = show_progress,
+                streamer = streamer
+            )
+        finally:
+            # even after an error, so that a reader in another thread never waits forever
+            if exists(streamer):
+                streamer.end()
 
     @typecheck
     def composed(

@@ -102,10 +102,10 @@ def new_token_count(prompt_len: int, seq_len: int | None, max_new_tokens: int | 
     return num_new
 
 def check_total_length(calm: Composition, total: int, augment_prompts: list):
-    # every position generated must fit the anchor, and each augment reading the sequence
-    full_length = torch.empty((1, total))
-    calm.anchor_adapter.check_length(full_length, 'prompt + new tokens')
+    # every position generated must fit the anchor, and each augment reading the sequence; checked
+    # on the number, before anything of that length is allocated
+    calm.anchor_adapter.check_length(total, 'prompt + new tokens', generating = True)
 
     for index, (adapter, aligned_prompt) in enumerate(zip(calm.augment_adapters, augment_prompts)):
         if not exists(aligned_prompt) and not exists(calm.augment_texts[index]):
-            adapter.check_length(full_length, 'prompt + new tokens')
+            adapter.check_length(total, 'prompt + new tokens', generating = True)

@@ -6,6 +6,7 @@ from torch import Tensor
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import RowKeysValues
+from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.models.adapter import DecodeState
 from calm_pytorch.models.precision import to_model
 from calm_pytorch.text.alignment import common_prefix_len, real_rows
@@ -20,8 +21,8 @@ class TextStream:
     augment tokens in its own cache (batch 1: rows re-tokenize at different places), and the keys
     and values of each cross-attention. The anchor's newest position sees every one of them."""
 
-    def __init__(self, calm: Composition, index: int, batch: int):
-        self.calm, self.index = calm, index
+    def __init__(self, calm: Composition, index: int, batch: int, lockstep: Lockstep):
+        self.calm, self.index, self.lockstep = calm, index, lockstep
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.states = [DecodeState(rollback = True) for _ in range(batch)]
         self.kv = {block: RowKeysValues(batch, block.heads, block.to_q.out_features // block.heads, block.to_kv.weight) for block in calm.cross_attns[index]}
@@ -31,9 +32,14 @@ class TextStream:
         reals, _ = real_rows(seq, mask)
         texts = [committed_text(text) for text in calm.anchor_text.decode_batch(reals)]
 
-        for row, target in enumerate(calm.augment_texts[self.index].encode_batch(texts)):
-            keep = common_prefix_len(self.tokens[row], target)
+        targets = calm.augment_texts[self.index].encode_batch(texts)
+        keeps = [common_prefix_len(tokens, target) for tokens, target in zip(self.tokens, targets)]
 
+        # with sharded models every process runs as many augment forwards as the busiest one
+        forwards = sum(self.forwards(row, target, keep) for row, (target, keep) in enumerate(zip(targets, keeps)))
+        idle = self.lockstep.most(forwards) - forwards
+
+        for row, (target, keep) in enumerate(zip(targets, keeps)):
             if keep < len(self.tokens[row]):
                 calm.augment_adapters[self.index].crop(self.states[row], keep)
 
@@ -44,10 +50,22 @@ class TextStream:
             for buffer in self.kv.values():
                 buffer.lengths[row] = len(target)
 
+        adapter = calm.augment_adapters[self.index]
+        for _ in range(idle):
+            adapter.decode(adapter.dummy_input(seq_len = 1), None, None)
+
         kv = {block: buffer.view() for block, buffer in self.kv.items()}
         length = next(iter(kv.values()))[0].shape[-2]
         lengths = torch.tensor([len(tokens) for tokens in self.tokens], device = seq.device)
         return AugmentContext({}, torch.arange(length, device = seq.device) < lengths[:, None], causal = False, kv = kv)
+
+    def forwards(self, row: int, target: list[int], keep: int) -> int:
+        # how many augment forwards `extend` runs
+        if len(target) <= keep:
+            return 0
+
+        cached = min(self.states[row].length, keep)
+        return 1 if cached == 0 or not self.calm.augment_adapters[self.index].can_cache else len(target) - keep
 
     def extend(self, row: int, target: list[int], keep: int):
         calm, index = self.calm, self.index

@@ -51,7 +51,8 @@ class ModelAdapter:
         self.input_shape = input_shape
         self.returns_hiddens = returns_hiddens
         self.mask_kwarg = mask_kwarg if exists(mask_kwarg) else find_mask_kwarg(model)
-        self.max_seq_len = None
+        self.max_seq_len = None     # a hard limit: positions past it fail (learned absolute positions)
+        self.configured_len = None  # the length the model was configured for (`max_position_embeddings`)
         self.vocab_size = None  # known for x-transformers and transformers models: then token ids are checked
 
         if returns_hiddens:
@@ -173,9 +174,20 @@ class ModelAdapter:
                 f'whose {self.vocab_size} tokens have ids 0 to {self.vocab_size - 1}; were the ids made by another tokenizer, or padded with a negative id?'
             )
 
-    def check_length(self, inputs: Tensor, arg_name: str):
-        if exists(self.max_seq_len) and inputs.shape[-1] > self.max_seq_len:
-            raise ValueError(f'`{arg_name}` has length {inputs.shape[-1]}, but {self.name} takes at most {self.max_seq_len} positions (its max_seq_len)')
+    def check_length(self, inputs: Tensor | int, arg_name: str, *, generating: bool = False):
+        """inputs: a tensor or its length. A generation must also fit the configured length:
+        its buffers are allocated for the whole length before the first step."""
+
+        length = inputs if isinstance(inputs, int) else inputs.shape[-1]
+
+        if exists(self.max_seq_len) and length > self.max_seq_len:
+            raise ValueError(f'`{arg_name}` has length {length}, but {self.name} takes at most {self.max_seq_len} positions (its max_seq_len)')
+
+        if generating and exists(self.configured_len) and length > self.configured_len:
+            raise ValueError(
+                f'`{arg_name}` has length {length}, but {self.name} was configured for at most {self.configured_len} positions; '
+                'ask for fewer new tokens, or raise the length in its config if the model takes longer inputs (e.g. with RoPE scaling)'
+            )
 
     # probing with dummy inputs
 
@@ -224,6 +236,11 @@ class ModelAdapter:
     @property
     def can_cache(self) -> bool:
         return False
+
+    @property
+    def why_no_cache(self) -> str | None:
+        """None for a model that decodes incrementally, else the reason it recomputes."""
+        return None if self.can_cache else 'calm_pytorch knows no cache interface of a custom module, so it calls it on the whole sequence'
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         """tokens: (b, n) the sequence so far, left-padded; mask: (b, n) True for real tokens.

@@ -14,6 +14,9 @@ from calm_pytorch.models.hf_discovery import discovery_root, find_hf_blocks, is_
 # Hugging Face transformers models: how to call them (the blocks are found by hf_discovery.py).
 # `transformers` is imported only to build a cache, for a model whose modeling code is loaded
 
+# the keyword a forward takes its cache by: `past_key_values` until transformers 5.24, `cache` since
+CACHE_KWARGS = ('cache', 'past_key_values')
+
 Role = Literal['anchor', 'augment']
 
 # calling conventions
@@ -23,6 +26,22 @@ def forward_params(module: Module) -> set[str]:
         return set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+def cache_kwarg(params: set[str]) -> str | None:
+    return next((kwarg for kwarg in CACHE_KWARGS if kwarg in params), None)
+
+def new_cache(config: Any, rollback: bool) -> Any:
+    from transformers import DynamicCache
+
+    # with the config, sliding-window layers get their own (bounded) cache layers
+    takes_config = 'config' in inspect.signature(DynamicCache.__init__).parameters
+    cache = DynamicCache(config = config) if takes_config else DynamicCache()
+
+    if rollback and hasattr(cache, 'activate_past_recording'):
+        # sliding-window layers keep what `crop` may roll back to
+        cache.activate_past_recording()
+
+    return cache
 
 def image_input_shape(config: Any) -> tuple[int, ...] | None:
     size = getattr(config, 'image_size', None)
@@ -126,10 +145,18 @@ class HFAdapter(ModelAdapter):
         super().__init__(model, name = name, input_shape = input_shape, mask_kwarg = mask_kwarg, **kwargs)
 
         self.max_seq_len = None if exists(self.input_shape) else learned_max_positions(model)
+        configured = getattr(text_config(model), 'max_position_embeddings', None)
+        self.configured_len = configured if isinstance(configured, int) and not exists(self.input_shape) else None
         self.vocab_size = vocab_size(self.target, model) if self.main_input == 'input_ids' else None
 
-        # a decoder whose forward takes a cache decodes incrementally in generation
-        self.caches = not is_encoder_decoder(model) and 'past_key_values' in self.params
+        # a decoder whose forward takes a cache decodes incrementally in generation. The keyword
+        # is read off the signature, which changed across transformers versions
+        self.cache_kwarg = cache_kwarg(self.params)
+        self.no_cache_reason = (
+            'it is an encoder-decoder model, of which only the encoder runs, on the whole sequence' if is_encoder_decoder(model) else
+            f'its forward takes no cache (neither of {", ".join(CACHE_KWARGS)})' if not exists(self.cache_kwarg) else
+            None
+        )
 
     def find_layers(self) -> list[Layer]:
         try:
@@ -158,7 +185,11 @@ class HFAdapter(ModelAdapter):
 
     @property
     def can_cache(self) -> bool:
-        return self.caches
+        return not exists(self.no_cache_reason)
+
+    @property
+    def why_no_cache(self) -> str | None:
+        return self.no_cache_reason
 
     def crop(self, state: DecodeState, length: int):
         if not exists(state.cache) or length == 0:
@@ -170,10 +201,10 @@ class HFAdapter(ModelAdapter):
         state.length = min(state.length, length)
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
-        """One decoding step with `past_key_values` (see `ModelAdapter.decode`). Positions count
+        """One decoding step with the model's cache (see `ModelAdapter.decode`). Positions count
         real tokens only, so a left-padded row sees the positions it would see alone."""
 
-        if not self.caches:
+        if not self.can_cache:
             return super().decode(tokens, mask, state)
 
         mask = mask.long() if exists(mask) else torch.ones_like(tokens)
@@ -185,12 +216,7 @@ class HFAdapter(ModelAdapter):
         if not exists(state.cache):
             # created here rather than returned by the model: a recorder may stop the forward after
             # its deepest connected layer, and the cache object, filled in place, survives that
-            from transformers import DynamicCache
-            state.cache = DynamicCache(config = self.model.config)
-
-            if state.rollback:
-                # sliding-window layers keep what `crop` may roll back to
-                state.cache.activate_past_recording()
+            state.cache = new_cache(self.model.config, state.rollback)
 
         start, state.length = state.length, tokens.shape[-1]
 
@@ -198,6 +224,6 @@ class HFAdapter(ModelAdapter):
             input_ids = tokens[:, start:],
             attention_mask = mask,
             position_ids = position_ids[:, start:],
-            past_key_values = state.cache,
-            use_cache = True
+            use_cache = True,
+            **{self.cache_kwarg: state.cache}
         )

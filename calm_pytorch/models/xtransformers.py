@@ -28,6 +28,8 @@ class XTransformersAdapter(ModelAdapter):
         if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
             self.max_seq_len = model.max_seq_len
 
+        self.configured_len = getattr(model, 'max_seq_len', None)
+
         # a ContinuousTransformerWrapper reads vectors and has no vocabulary
         num_tokens = getattr(model, 'num_tokens', None)
         self.vocab_size = num_tokens if isinstance(num_tokens, int) and not exists(self.input_shape) else None
@@ -35,6 +37,10 @@ class XTransformersAdapter(ModelAdapter):
     @property
     def can_cache(self) -> bool:
         return bool(getattr(self.model, 'can_cache_kv', False))
+
+    @property
+    def why_no_cache(self) -> str | None:
+        return None if self.can_cache else 'its `can_cache_kv` is False (x-transformers turns it off for features that cannot be cached)'
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         # left padding goes in as `seq_start_pos`, as in x-transformers' own generate: positions

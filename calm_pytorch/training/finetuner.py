@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils import clip_grad_norm_
 from torch.optim import AdamW
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from calm_pytorch.calm import CALM
 from calm_pytorch.composition.loss import next_token_loss
 from calm_pytorch.helpers import exists, typecheck
-from calm_pytorch.training.data import MapDataset, ResumableDistributedSampler, as_kwargs, to_device
+from calm_pytorch.training.collate import Collator
+from calm_pytorch.training.data import MapDataset, ResumableDistributedSampler, as_kwargs, named, readable_rows, shard_stream, to_device
 from calm_pytorch.training.distributed import setup_distributed, wrap_for_ddp
 from calm_pytorch.training.fsdp import STRATEGIES, Strategy, average_gradients, shard_frozen_models
 from calm_pytorch.training.schedule import Schedule, warmup_then
@@ -48,13 +50,20 @@ class FineTuner:
 
     train_anchor_params: also train the anchor parameters the CALM kept trainable (those the user
     left trainable in a partly frozen anchor, e.g. the LoRA weights of a PEFT model); they are
-    saved in the checkpoints with the composition."""
+    saved in the checkpoints with the composition.
+
+    dataset: a map-style dataset (a list, a torch Dataset, a `datasets.Dataset` in any format) or
+    a stream (a torch or `datasets` IterableDataset). Rows are dicts (CALM's names `seq`, `mask`,
+    `labels`, `prompt`, `prompt_mask`, or Hugging Face's `input_ids`, `attention_mask`), tuples
+    named by `batch_keys`, or token tensors; rows of different lengths are padded, and `prompt`
+    may hold one entry per augment, None for an aligned one (see training/collate.py).
+    shuffle: map-style datasets only (the default there); a stream is read in its own order"""
 
     @typecheck
     def __init__(
         self,
         calm: CALM,
-        dataset: MapDataset,
+        dataset: MapDataset | Iterable,
         *,
         num_train_steps: int,
         batch_size: int = 8,
@@ -76,7 +85,7 @@ class FineTuner:
         keep_last: int | None = 3,
         resume: bool | str | os.PathLike = False,
         seed: int = 0,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         num_workers: int = 0,
         collate_fn: Callable | None = None,
         device: str | torch.device | None = None,
@@ -163,30 +172,43 @@ class FineTuner:
             min_lr_ratio = min_lr_ratio
         )
 
-        # data: every process shuffles with the same seed and takes its own shard
+        # data: every process shuffles with the same seed and takes its own shard; a stream is
+        # split between the processes and read in its own order
 
-        self.sampler = ResumableDistributedSampler(
+        dataset = readable_rows(dataset)
+        self.streaming = isinstance(dataset, IterableDataset)
+
+        if not self.streaming and not isinstance(dataset, MapDataset):
+            raise TypeError(f'dataset: a {type(dataset).__name__} can be read only once; pass a map-style dataset (with __len__ and __getitem__), or an IterableDataset whose __iter__ starts the stream anew for every epoch')
+
+        if self.streaming and shuffle:
+            raise ValueError('shuffle=True: a stream (IterableDataset) has no random access; shuffle it yourself, e.g. `dataset.shuffle(seed = 0, buffer_size = 10_000)` for a datasets.IterableDataset')
+
+        self.dataset = shard_stream(dataset, self.distributed.rank, self.distributed.world_size) if self.streaming else dataset
+
+        self.sampler = None if self.streaming else ResumableDistributedSampler(
             dataset,
             num_replicas = self.distributed.world_size,
             rank = self.distributed.rank,
-            shuffle = shuffle,
+            shuffle = shuffle is not False,
             seed = seed
         )
 
-        # a generator of its own, so that creating a loader iterator does not draw from the global RNG
+        # the default collate pads rows and reads Hugging Face's names (training/collate.py).
+        # A generator of its own, so that creating a loader iterator does not draw from the global RNG
 
         self.loader = DataLoader(
-            dataset,
+            self.dataset,
             batch_size = batch_size,
             sampler = self.sampler,
             drop_last = True,
             num_workers = num_workers,
-            collate_fn = collate_fn,
+            collate_fn = collate_fn if exists(collate_fn) else Collator(len(calm.augments), max(calm.pad_id, 0), batch_keys, text_allowed = loss_fn is not next_token_loss),
             pin_memory = self.device.type == 'cuda',
             generator = torch.Generator().manual_seed(seed)
         )
 
-        self.batches_per_epoch = len(self.sampler) // batch_size
+        self.batches_per_epoch = None if self.streaming else len(self.sampler) // batch_size
 
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -218,13 +240,24 @@ class FineTuner:
     # data
 
     def micro_batches(self):
-        # epochs follow one another; a resumed run starts partway into one
+        # epochs follow one another; a resumed run starts partway into one (a stream reads up to
+        # that point again: it has no random access)
         while True:
-            self.sampler.set_epoch(self.epoch, start = self.batch_in_epoch * self.batch_size)
+            batches = self.loader
 
-            for batch in self.loader:
+            if self.streaming:
+                if hasattr(self.dataset, 'set_epoch'):
+                    self.dataset.set_epoch(self.epoch)
+                batches = islice(self.loader, self.batch_in_epoch, None)
+            else:
+                self.sampler.set_epoch(self.epoch, start = self.batch_in_epoch * self.batch_size)
+
+            for batch in batches:
                 self.batch_in_epoch += 1
-                yield to_device(as_kwargs(batch, self.batch_keys), self.device)
+                yield to_device(named(as_kwargs(batch, self.batch_keys)), self.device)
+
+            if self.batch_in_epoch == 0:
+                raise ValueError(f'the stream gave this process fewer than batch_size = {self.batch_size} items in an epoch: lower batch_size or add data')
 
             self.epoch += 1
             self.batch_in_epoch = 0

@@ -5,9 +5,12 @@ from pathlib import Path
 import torch
 from torch.nn import Module
 from transformers import Trainer
+from transformers import __version__ as transformers_version
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from calm_pytorch.calm import CALM
+from calm_pytorch.checkpoints.pretrained import write_model_card
+from calm_pytorch.checkpoints.zero3 import any_partitioned
 from calm_pytorch.helpers import exists
 from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 
@@ -25,10 +28,13 @@ from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 
 class CALMTrainer(Trainer):
     """`transformers.Trainer` for a CALM. Training is Trainer's own; `save_model()`, the periodic
-    checkpoints and the best model hold the composition only (`composition.safetensors`, written by
-    `calm.save`: the cross-attention weights, any anchor parameters the user left trainable such as
-    LoRA weights, and the wiring), and `train(resume_from_checkpoint = ...)` and
-    `load_best_model_at_end` read it back with `calm.load`."""
+    checkpoints and the best model are composition directories written by `calm.save_pretrained`
+    (`composition.safetensors`: the cross-attention weights, any anchor parameters the user left
+    trainable such as LoRA weights, and the wiring; `config.json`, a model card `README.md`, and the
+    tokenizer Trainer was given), so `CALM.from_pretrained(output_dir)` loads one; and
+    `train(resume_from_checkpoint = ...)` and `load_best_model_at_end` read the composition back
+    with `calm.load`. `create_model_card()` (and so `push_to_hub()`) writes the composition's card,
+    with the training run."""
 
     def unwrapped_calm(self, model: Module | None = None) -> CALM:
         # DistributedDataParallel and torch.compile wrap the module they are given
@@ -39,6 +45,21 @@ class CALMTrainer(Trainer):
 
         return model
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # DeepSpeed ZeRO-3 partitions every weight: Trainer would gather all of them, frozen models
+        # included, or write DeepSpeed's own sharded checkpoint. `calm.save` gathers the composition
+        # and fingerprints the frozen models one tensor at a time, a collective every process joins
+        # (checkpoints/zero3.py); the first process writes
+        if not (self.is_deepspeed_enabled and any_partitioned(self.unwrapped_calm())):
+            return super().save_model(output_dir, _internal_call)
+
+        output_dir = output_dir if exists(output_dir) else self.args.output_dir
+
+        if self.args.should_save:
+            self._save(output_dir)
+        else:
+            self.unwrapped_calm().save(Path(output_dir) / COMPOSITION_FILE)  # gathers with the others, writes nothing
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         # state_dict: Trainer gathers one under FSDP / DeepSpeed; the composition is read from the model
         if not self.args.should_save:
@@ -47,12 +68,38 @@ class CALMTrainer(Trainer):
         output_dir = Path(output_dir if exists(output_dir) else self.args.output_dir)
         output_dir.mkdir(parents = True, exist_ok = True)
 
-        self.unwrapped_calm().save(output_dir / COMPOSITION_FILE)
-
-        if exists(self.processing_class):
-            self.processing_class.save_pretrained(output_dir)
-
+        self.unwrapped_calm().save_pretrained(output_dir, tokenizer = self.processing_class)
         torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | list[str] | None = None, **kwargs):
+        """The composition's model card (see `calm.save_pretrained`) in `args.output_dir/README.md`,
+        with this run's hyperparameters and last logged losses. Trainer's other card options
+        (language, license, tags, ...) are for transformers models and are not used."""
+
+        if not self.is_world_process_zero():
+            return
+
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents = True, exist_ok = True)
+        write_model_card(self.unwrapped_calm(), output_dir, model_name or self.args.hub_model_id, self.training_summary(dataset))
+
+    def training_summary(self, dataset: str | list[str] | None) -> list[str]:
+        args = self.args
+        lines = [
+            f'Trained with `CALMTrainer` (transformers {transformers_version}) for {self.state.global_step} steps: learning rate {args.learning_rate}, '
+            f'{args.per_device_train_batch_size} per device, gradient accumulation {args.gradient_accumulation_steps}, seed {args.seed}.'
+        ]
+
+        if exists(dataset):
+            lines.append(f'Data: {", ".join([dataset] if isinstance(dataset, str) else dataset)}.')
+
+        losses = [entry for entry in self.state.log_history if 'loss' in entry or 'eval_loss' in entry]
+
+        if len(losses) > 0:
+            last = losses[-1]
+            lines.append('Last logged: ' + ', '.join(f'{key} {value:.4g}' for key, value in last.items() if key in ('loss', 'eval_loss', 'step', 'epoch')) + '.')
+
+        return lines
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Module | None = None):
         path = Path(resume_from_checkpoint) / COMPOSITION_FILE

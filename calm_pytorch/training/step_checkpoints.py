@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from calm_pytorch.checkpoints.atomic import publish_dir, temporary_dir_beside
+from calm_pytorch.checkpoints.pretrained import COMPOSITION_FILE
 
 # a training checkpoint is a directory `step-00000100/` under the checkpoint root:
 #   composition.safetensors  the composition weights and wiring (calm.save)
@@ -19,7 +20,6 @@ from calm_pytorch.checkpoints.atomic import publish_dir, temporary_dir_beside
 # unpickle anything else: no code runs on load.
 
 STEP_DIR = re.compile(r'^step-(\d+)$')
-COMPOSITION_FILE = 'composition.safetensors'
 STATE_FILE = 'trainer_state.pt'
 
 def step_dir_name(step: int) -> str:

@@ -170,7 +170,8 @@ def test_save_model_writes_the_composition_only(tmp_path):
 
     CALMTrainer(model = calm, args = training_args(tmp_path)).save_model(str(tmp_path / 'saved'))
 
-    assert sorted(path.name for path in (tmp_path / 'saved').iterdir()) == ['composition.safetensors', 'training_args.bin']
+    # a composition directory (calm.save_pretrained): nothing of the frozen models' weights
+    assert sorted(path.name for path in (tmp_path / 'saved').iterdir()) == ['README.md', 'composition.safetensors', 'config.json', 'training_args.bin']
 
     other = build()  # the same frozen models (a checkpoint refuses others), a fresh composition
     other.load(tmp_path / 'saved' / 'composition.safetensors')

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from hf_models import ENCODERS, TOKENS, VOCAB, gpt2, llama
+from text_tokenizers import byte_bpe, wordpiece
+from torch import nn
+
+from calm_pytorch import CALM, AugmentParams
+from calm_pytorch.text.commit import committed_text
+
+# cached and recomputed decoding give the same tokens, so equality cannot tell a cache that stopped
+# working: these tests count the positions each model reads at each step of `generate`
+
+ATTN = dict(heads = 2, dim_head = 16)
+NEW = 5
+GREEDY = dict(temperature = 0.)
+
+def gemma3():
+    # one sliding-window layer (window 4, shorter than the prompt) and one global layer
+    config = transformers.Gemma3TextConfig(
+        vocab_size = VOCAB, hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1,
+        head_dim = 16, intermediate_size = 64, max_position_embeddings = 64, sliding_window = 4,
+        layer_types = ['sliding_attention', 'full_attention'], **TOKENS
+    )
+    return transformers.Gemma3ForCausalLM(config)
+
+ANCHORS = {'llama': lambda: llama(depth = 2), 'gpt2': lambda: gpt2(dim = 32, depth = 2), 'gemma3': gemma3}
+
+def count_reads(model: nn.Module) -> list[int]:
+    # positions per call, as the input embeddings see them
+    reads = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: reads.append(args[0].shape[-1]))
+    return reads
+
+def trained(calm: CALM) -> CALM:
+    # nonzero output projections, so that the augment changes the tokens
+    for param in calm.cross_attns.parameters():
+        if param.ndim == 2:
+            nn.init.normal_(param, std = 0.5)
+
+    return calm.eval()
+
+def prompts(padded: bool):
+    prompt = torch.randint(3, VOCAB, (2 if padded else 1, 8), generator = torch.Generator().manual_seed(0))
+    mask = None
+
+    if padded:
+        mask = torch.ones_like(prompt, dtype = torch.bool)
+        mask[1, :3] = False
+
+    return prompt, mask
+
+@pytest.mark.parametrize('padded', (False, True), ids = ('batch_1', 'left_padded'))
+@pytest.mark.parametrize('mode', ('aligned', 'context'))
+@pytest.mark.parametrize('family', ANCHORS)
+def test_anchor_and_augment_read_the_prompt_once_then_one_position_per_step(family, mode, padded):
+    torch.manual_seed(0)
+    anchor = ANCHORS[family]().eval()
+    augment = (ANCHORS[family]() if mode == 'aligned' else ENCODERS['bert'].build()).eval()
+    calm = trained(CALM(anchor, AugmentParams(model = augment, connections = ((1, 1), (2, 2))), attn_kwargs = ATTN))
+
+    prompt, mask = prompts(padded)
+    document = torch.randint(3, VOCAB, (prompt.shape[0], 7)) if mode == 'context' else None
+    anchor_reads, augment_reads = count_reads(anchor), count_reads(augment)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning that a model recomputes
+        cached = calm.generate(prompt, max_new_tokens = NEW, mask = mask, prompt = document, **GREEDY)
+
+    assert anchor_reads == [8] + [1] * (NEW - 1)
+    assert augment_reads == ([8] + [1] * (NEW - 1) if mode == 'aligned' else [7])
+
+    recomputed = calm.generate(prompt, max_new_tokens = NEW, mask = mask, prompt = document, use_cache = False, **GREEDY)
+    assert torch.equal(cached, recomputed)
+
+def text_composition(anchor_family: str):
+    torch.manual_seed(0)
+    anchor_tokenizer, augment_tokenizer = byte_bpe(), wordpiece()
+    build = {'llama': lambda vocab: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size = vocab, hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1,
+        intermediate_size = 64, max_position_embeddings = 256
+    ))}[anchor_family]
+    anchor, augment = build(len(anchor_tokenizer)).eval(), build(len(augment_tokenizer)).eval()
+    params = AugmentParams(model = augment, tokenizer = augment_tokenizer, connect_every_num_layers = 1)
+    return trained(CALM(anchor, params, anchor_tokenizer = anchor_tokenizer, attn_kwargs = ATTN)), anchor, augment
+
+def test_across_tokenizers_the_augment_reads_only_newly_committed_tokens():
+    calm, anchor, augment = text_composition('llama')
+    prompt = torch.tensor([byte_bpe()('the cat sat on the mat and then')['input_ids']])
+    anchor_reads, augment_reads = count_reads(anchor), count_reads(augment)
+
+    cached = calm.generate(prompt, max_new_tokens = 12, **GREEDY)
+    assert anchor_reads == [prompt.shape[-1]] + [1] * 11
+
+    def committed_ids(ids) -> list[int]:
+        return calm.augment_texts[0].encode_batch([committed_text(byte_bpe().decode(ids))])[0]
+
+    # the first step reads the prompt as the forward does (each position its own committed
+    # prefix); from then on the augment's cache is filled once with the committed text and
+    # extended one new token per call. The last sampled token is never read
+    final = committed_ids(torch.cat((prompt, cached), dim = -1)[0, :-1])
+    assert augment_reads[0] == len(committed_ids(prompt[0]))
+    assert sum(augment_reads[1:]) == len(final)
+    assert all(read == 1 for read in augment_reads[2:])
+
+    assert torch.equal(cached, calm.generate(prompt, max_new_tokens = 12, use_cache = False, **GREEDY))
+
+class NoCacheLlama(transformers.LlamaForCausalLM):
+    # a transformers model whose forward takes no cache
+    def forward(self, input_ids = None, attention_mask = None, position_ids = None, **kwargs):
+        kwargs.pop('use_cache', None)
+        return super().forward(input_ids = input_ids, attention_mask = attention_mask, position_ids = position_ids, use_cache = False, **kwargs)
+
+def test_a_model_that_cannot_decode_incrementally_is_named_once():
+    torch.manual_seed(0)
+    anchor = NoCacheLlama(llama().config).eval()
+    calm = CALM(anchor, AugmentParams(model = llama(), connections = ((1, 1),)), attn_kwargs = ATTN)
+    prompt, _ = prompts(padded = False)
+    reads = count_reads(anchor)
+
+    with pytest.warns(UserWarning, match = r'anchor_llm \(NoCacheLlama\) cannot decode incrementally: its forward takes no cache') as record:
+        calm.generate(prompt, max_new_tokens = 3)
+
+    assert reads == [8, 9, 10]  # it recomputes, and says so
+    assert sum('cannot decode incrementally' in str(warning.message) for warning in record) == 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        calm.generate(prompt, max_new_tokens = 3)  # once per model
+
+@pytest.mark.parametrize('family', ('llama', 'gpt2'))
+def test_a_length_far_beyond_the_anchor_is_refused_before_anything_is_allocated(family):
+    # 10**12 positions would need terabytes: the length is checked as a number first. GPT-2 has
+    # learned positions (a hard limit), Llama rotary ones (the length its config was made for)
+    calm = CALM(ANCHORS[family](), AugmentParams(model = llama(), connections = ((1, 1),)), attn_kwargs = ATTN)
+    prompt, _ = prompts(padded = False)
+
+    with pytest.raises(ValueError, match = r'`prompt \+ new tokens` has length 1000000000008, but anchor_llm'):
+        calm.generate(prompt, max_new_tokens = 10 ** 12)
