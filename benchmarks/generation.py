@@ -143,7 +143,7 @@ def main():
                 num_new = total - prompt_len
                 seq = torch.randint(0, NUM_TOKENS, (args.batch, total))
                 prompt = seq[:, :prompt_len]
-                context = lambda length: dict(augment_prompt = seq[:, :prompt_len]) if mode == 'context' else dict()
+                context = lambda length: dict(prompt = seq[:, :prompt_len]) if mode == 'context' else dict()
 
                 # warm up once: allocators, kernels
                 calm.generate(prompt, max_new_tokens = 2, temperature = 0., **context(prompt_len))
@@ -335,7 +335,7 @@ def hf_main(args):
                 step[0] += 1
                 return torch.full_like(logits, float('-inf')).scatter(-1, forced[:, index:index + 1], 0.)
 
-            context = dict(augment_prompt = prompt) if mode == 'context' else dict()
+            context = dict(prompt = prompt) if mode == 'context' else dict()
             calm.generate(prompt, max_new_tokens = 2, temperature = 0., **context)  # warm up
             seconds = timed(lambda: calm.generate(prompt, max_new_tokens = num_new, temperature = 0., filter_fn = lambda logits, step = [0]: write(logits, step), show_progress = False, **context), args.reps)
 

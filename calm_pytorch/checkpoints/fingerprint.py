@@ -58,9 +58,19 @@ def class_name(model: Module) -> str:
     return type(model).__name__
 
 def frozen_tensors(model: Module, skip: Iterable[str] = ()) -> list[tuple[str, Tensor]]:
-    skip = set(skip)
+    # what defines the model: its parameters and persistent buffers, as its state_dict holds them.
+    # A non-persistent buffer is state that may change with use (dynamic RoPE's `inv_freq` grows
+    # with the longest input read), never loaded from the weights
+    skip = set(skip) | non_persistent_buffers(model)
     named = chain(model.named_parameters(), model.named_buffers())
     return sorted((name, tensor) for name, tensor in named if name not in skip)
+
+def non_persistent_buffers(model: Module) -> set[str]:
+    return {
+        f'{prefix}.{name}' if prefix else name
+        for prefix, module in model.named_modules(remove_duplicate = False)
+        for name in module._non_persistent_buffers_set
+    }
 
 def model_identity(model: Module, *, layers: int, widths: Iterable[int], vocab_size: int | None, skip: Iterable[str] = ()) -> dict[str, Any]:
     """class, layer count, connected widths, vocabulary, and a fingerprint of the weights:

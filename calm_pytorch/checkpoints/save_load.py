@@ -39,9 +39,16 @@ def save_composition(calm: Module, path: str | os.PathLike) -> Path:
 
     metadata = dict(format = 'pt', calm_format = FORMAT, calm_wiring = wiring_json)
     header, data = split_file(save_safetensors(tensors, metadata = metadata), path)
-    raw = save_safetensors(tensors, metadata = {**metadata, 'calm_sha256': digest(wiring_json, header, data)})
+    header['__metadata__'] = {**metadata, 'calm_sha256': digest(wiring_json, header, data)}
 
-    return atomic_write_bytes(path, raw)
+    return atomic_write_bytes(path, canonical_file(header, data))
+
+def canonical_file(header: dict, data: bytes) -> bytes:
+    # safetensors writes the metadata in the order of a hash map, another for each file: with the
+    # header's keys sorted, the same composition gives the same bytes
+    encoded = json.dumps(header, sort_keys = True, separators = (',', ':')).encode()
+    encoded += b' ' * (-len(encoded) % 8)  # the tensor bytes start 8-aligned, as safetensors writes them
+    return len(encoded).to_bytes(8, 'little') + encoded + data
 
 @typecheck
 def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool = True, cast: bool = False) -> dict[str, Any]:

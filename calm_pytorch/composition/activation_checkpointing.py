@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch.nn import Module
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from calm_pytorch.composition.inputs import check_usable
 from calm_pytorch.composition.protocol import Composition
@@ -65,7 +65,13 @@ def checkpoint_function(checkpoint_kwargs: dict | None, offload: bool):
         # offload keeps the tensors saved for the recompute in host memory (pinned when a GPU is there)
         saving = torch.autograd.graph.save_on_cpu(pin_memory = torch.cuda.is_available()) if offload else nullcontext()
 
-        with saving:
+        # no early stop of the recompute: torch stops it by raising an exception from inside the
+        # block once the saved tensors are recomputed, and a library that wraps the exceptions of
+        # its operations (einx, in x-transformers' masking) turns that into a failed backward.
+        # (torch.compile traces the checkpoint as one operation of its own, without that exception)
+        early_stop = nullcontext() if torch.compiler.is_compiling() else set_checkpoint_early_stop(False)
+
+        with saving, early_stop:
             return checkpoint(function, *args, **checkpoint_kwargs)
 
     return run

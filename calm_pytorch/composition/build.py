@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch.nn import Module
 
+from calm_pytorch.composition.inputs import check_model
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.wiring import Connections, default_connections, validate_connections
 from calm_pytorch.helpers import cast_tuple, default, exists
@@ -35,7 +36,15 @@ def augment_list(augment_llms, augment_llm) -> list[AugmentParams]:
     if len(augments) == 0:
         raise ValueError('`augment_llms` is empty; pass at least one augmenting model')
 
-    return [augment if isinstance(augment, AugmentParams) else AugmentParams(model = augment) for augment in augments]
+    augments = [augment if isinstance(augment, AugmentParams) else AugmentParams(model = augment) for augment in augments]
+
+    for index, augment in enumerate(augments):
+        check_model(augment.model, f'augment_llms[{index}].model')
+
+        if not isinstance(augment.model, Module):
+            raise TypeError(f'`augment_llms[{index}].model` must be a torch.nn.Module, got {type(augment.model).__name__}')
+
+    return augments
 
 @dataclass
 class Wiring:
@@ -64,7 +73,7 @@ def derive_wiring(
 
     connections = tuple(
         validate_connections(augment.connections, num_layers, num_anchor_layers, index) if exists(augment.connections)
-        else default_connections(num_layers, num_anchor_layers, augment.connect_every_num_layers)
+        else default_connections(num_layers, num_anchor_layers, spacing(augment.connect_every_num_layers, num_layers, index))
         for index, (augment, num_layers) in enumerate(zip(augments, num_augment_layers))
     )
 
@@ -106,6 +115,22 @@ def derive_wiring(
     ]
 
     return Wiring(connections, num_augment_layers, anchor_positions, anchor_sites, augment_keys, reads_final_state, widths)
+
+def spacing(every: int | None, num_layers: int, index: int) -> int:
+    """The automatic wiring's spacing: the paper's 4 by default (an augment shallower than that feeds
+    its last layer); a spacing given larger than the augment's depth is refused."""
+
+    if not exists(every):
+        return 4
+
+    if every > num_layers:
+        raise ValueError(
+            f'augment_llms[{index}].connect_every_num_layers = {every}, but augment {index} has {num_layers} layers: '
+            f'no {every}th layer to connect. Give a spacing of at most {num_layers}, '
+            f'or choose the layers: connections = (({num_layers}, anchor_layer),)'
+        )
+
+    return every
 
 def positions_per_layer(position, num_layers: int, name: str) -> tuple[HiddenPosition, ...]:
     positions = cast_tuple(position, num_layers)

@@ -61,7 +61,7 @@ def augment_context(
 
         inputs, inputs_mask = seq, mask
     else:
-        check_prompt(calm, index, augment_prompt, augment_prompt_mask, seq, arg)
+        augment_prompt = check_prompt(calm, index, augment_prompt, augment_prompt_mask, seq, arg)
         inputs, inputs_mask = augment_prompt, augment_prompt_mask.bool() if exists(augment_prompt_mask) else None
 
     adapter.check_length(inputs, 'seq' if aligned else arg)
@@ -119,7 +119,9 @@ def check_aligned(calm: Composition, index: int):
             'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode) instead'
         )
 
-def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Tensor | None, seq: Tensor, arg: str):
+def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Tensor | None, seq: Tensor, arg: str) -> Tensor:
+    """Checks an augment's own input; returns it, token ids as torch.long."""
+
     if not isinstance(prompt, Tensor):
         raise TypeError(f'`{arg}` must be a tensor, got {type(prompt).__name__}')
 
@@ -129,7 +131,7 @@ def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Ten
         if tuple(prompt.shape[1:]) != tuple(adapter.input_shape):
             raise ValueError(f'`{arg}` must have shape (batch, *{tuple(adapter.input_shape)}) for augment {index}, got {tuple(prompt.shape)}')
     else:
-        check_tokens(prompt, arg)
+        prompt = check_tokens(prompt, arg)
 
     if prompt.shape[0] != seq.shape[0]:
         raise ValueError(f'`{arg}` has batch size {prompt.shape[0]} but `seq` has batch size {seq.shape[0]}; they must match')
@@ -145,6 +147,8 @@ def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Ten
         if not exists(adapter.input_shape) and prompt_mask.shape != prompt.shape:
             raise ValueError(f'`{arg}_mask` must have the shape of `{arg}` {tuple(prompt.shape)}, got {tuple(prompt_mask.shape)}')
 
+    return prompt
+
 def text_aligned_context(calm: Composition, index: int, seq: Tensor, mask: Tensor | None) -> AugmentContext:
     """Runs augment `index` on its own tokenization of the text of `seq` (the rule: text/alignment.py)."""
 
@@ -156,8 +160,11 @@ def text_aligned_context(calm: Composition, index: int, seq: Tensor, mask: Tenso
     inputs = to_model(alignment.ids, adapter.model, 'seq')
     inputs_mask = alignment.mask.to(inputs.device)
 
+    # a batch of no rows has no padding to mask (and x-transformers cannot mask zero rows)
+    model_mask = inputs_mask if inputs.shape[0] > 0 else None
+
     with torch.no_grad():
-        hiddens = recorder(lambda: adapter(inputs, inputs_mask), inputs.shape[-1])
+        hiddens = recorder(lambda: adapter(inputs, model_mask), inputs.shape[-1])
 
     hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
     hiddens = {key: rearrange(hidden, '(b r) m d -> b (r m) d', r = alignment.runs) for key, hidden in hiddens.items()}

@@ -10,12 +10,13 @@ from calm_pytorch.helpers import exists
 # one composed forward, the one data path every entrance shares (`calm(seq)`, `calm(input_ids=...)`):
 # augment inputs -> recorded hidden states -> projected keys / values -> anchor hooks -> logits
 
-def check_anchor_inputs(calm: Composition, seq: Tensor, mask: Tensor | None, min_len: int) -> Tensor | None:
-    """Checks the anchor's tokens (dtype, shape, ids in its vocabulary) and their mask; returns the mask as bool."""
+def check_anchor_inputs(calm: Composition, seq: Tensor, mask: Tensor | None, min_len: int, name: str = 'seq') -> tuple[Tensor, Tensor | None]:
+    """Checks the anchor's tokens (dtype, shape, ids in its vocabulary) and their mask; returns the
+    tokens as torch.long and the mask as bool."""
 
-    check_tokens(seq, 'seq', min_len = min_len)
-    calm.anchor_adapter.check_token_ids(seq, 'seq')
-    return check_mask(mask, seq, 'mask', 'seq') if exists(mask) else None
+    seq = check_tokens(seq, name, min_len = min_len)
+    calm.anchor_adapter.check_token_ids(seq, name)
+    return seq, (check_mask(mask, seq, 'mask', name) if exists(mask) else None)
 
 def composed_logits(calm: Composition, seq: Tensor, mask: Tensor | None, prompt, prompt_mask, **anchor_kwargs) -> Tensor:
     """The anchor's logits (b, n, num_tokens) over `seq`, its cross-attentions reading every augment

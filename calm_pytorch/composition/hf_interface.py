@@ -7,7 +7,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from calm_pytorch.composition.forward import check_anchor_inputs, composed_logits
-from calm_pytorch.composition.inputs import check_labels
+from calm_pytorch.composition.inputs import check_causal_anchor, check_labels
 from calm_pytorch.composition.loss import token_loss
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
@@ -134,10 +134,11 @@ def hf_forward(
     anchor_kwargs.pop('return_dict', None)  # always a dict
 
     if exists(labels):
-        check_labels(labels, input_ids, 'input_ids')
+        labels = check_labels(labels, input_ids, 'input_ids')
+        check_causal_anchor(calm, 'its next-token loss')
 
     # the anchor reads all of input_ids: the labels are shifted below, not the tokens
-    attention_mask = check_anchor_inputs(calm, input_ids, attention_mask, min_len = 1)
+    input_ids, attention_mask = check_anchor_inputs(calm, input_ids, attention_mask, min_len = 1, name = 'input_ids')
     logits = composed_logits(calm, input_ids, attention_mask, **calm_kwargs, **anchor_kwargs)
 
     loss = None

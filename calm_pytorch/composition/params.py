@@ -20,7 +20,9 @@ class AugmentParams:
     model_return_hiddens:    the model's forward already returns a list of per-layer hidden states
     input_shape:             shape of one non-token input (e.g. (3, 224, 224) for images), without batch
     connections:             ((augment_layer, anchor_layer), ...), 1-indexed; derived when None
-    connect_every_num_layers: the automatic wiring takes every n-th augment layer (the paper uses 4)
+    connect_every_num_layers: the automatic wiring takes every n-th augment layer; None is the paper's
+                             4, or the last layer of an augment shallower than 4. A given n larger
+                             than the augment's depth is refused (it would connect no n-th layer)
     mask_kwarg:              name of the forward argument that takes the padding mask
                              (found from the forward signature when None: 'mask' or 'attention_mask')
     recurrent_context:       for a segment-recurrent model (blocks called once per segment, returning
@@ -43,7 +45,7 @@ class AugmentParams:
     model_return_hiddens: bool = False
     input_shape: tuple[int, ...] | None = None
     connections: tuple[tuple[int, int], ...] | None = None
-    connect_every_num_layers: int = 4
+    connect_every_num_layers: int | None = None
     mask_kwarg: str | None = None
     recurrent_context: Literal['all_segments', 'final_state'] = 'all_segments'
     same_tokenizer: bool = False

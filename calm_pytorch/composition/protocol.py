@@ -40,6 +40,7 @@ class Composition(Protocol):
     # how each augment may be read: its final state (segment-recurrent), whether it is causal (None
     # until probed), why it cannot read the anchor's ids (None if it can), its tokenizer's reader
     reads_final_state: list[bool]
+    anchor_is_causal: bool | None  # next-token training needs it; None until probed
     augment_is_causal: list[bool | None]
     vocab_mismatch: list[str | None]
     anchor_text: AnchorText | None

@@ -23,7 +23,7 @@ from calm_pytorch.helpers import exists
 # - loglikelihood: (context + continuation)[:-1], right-padded with a mask, one forward; the
 #   log-probabilities of the continuation tokens summed, and whether each was the argmax
 # - loglikelihood_rolling: lm_eval's disjoint windows of max_length tokens, scored the same way
-# - generate_until: contexts left-padded with their mask as the prompt mask of `calm.generate`,
+# - generate_until: contexts left-padded with their mask as the `mask` of `calm.generate`,
 #   greedy unless the task samples, cut at the first stop sequence
 #
 # Modes. 'aligned' (default): every augment reads the tokens the anchor reads. 'context': the
@@ -336,9 +336,9 @@ class CALMEvalModel(TemplateLM):
                 new_tokens = self.calm.generate(
                     prompt,
                     max_new_tokens = max_new,
-                    prompt_mask = prompt_mask,
-                    augment_prompt = augment.get('prompt'),
-                    augment_prompt_mask = augment.get('prompt_mask'),
+                    mask = prompt_mask,
+                    prompt = augment.get('prompt'),
+                    prompt_mask = augment.get('prompt_mask'),
                     eos_id = self.eot_token_id,
                     pad_id = self.pad_token_id,
                     show_progress = False,

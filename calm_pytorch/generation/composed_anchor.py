@@ -150,7 +150,7 @@ class ContextsForBatch:
 @contextmanager
 def composed_anchor(
     calm: Composition,
-    prompt: Tensor | Sequence[Tensor | None],
+    prompt: Tensor | Sequence[Tensor | None] | None,
     prompt_mask: Tensor | Sequence[Tensor | None] | None = None
 ) -> Iterator[Module]:
     check_usable(calm)
@@ -159,6 +159,13 @@ def composed_anchor(
 
     if exists(call.contexts):
         raise RuntimeError('the anchor is already composed: `composed(...)` blocks cannot be nested or entered during a CALM forward')
+
+    if not exists(prompt):
+        raise TypeError(
+            '`composed()` was given no prompt; it composes the anchor with augments that read their own input (context mode): '
+            '`with calm.composed(prompt = document) as anchor: anchor.generate(...)`. For augments reading the tokens being '
+            'generated (aligned mode), use `calm.generate(prompt, ...)`'
+        )
 
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(calm.augments)
 

@@ -95,11 +95,11 @@ class ComposedDecoder:
         ]
 
         for index, aligned in enumerate(self.aligned):
-            arg = f'augment_prompt[{index}]' if len(prompts) > 1 else 'augment_prompt'
+            arg = f'prompt[{index}]' if len(prompts) > 1 else 'prompt'
 
             if aligned:
                 if exists(prompt_masks[index]):
-                    raise ValueError(f'an augment_prompt_mask was given for augment {index} but no augment_prompt; pass the prompt too, or leave the mask out for aligned mode')
+                    raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
 
                 check_aligned(calm, index)
                 continue

@@ -36,16 +36,14 @@ class RowKeysValues:
     """Projected keys and values (b, h, j, d) of one cross-attention, a length per row. Unused
     slots hold zeros: a masked key gets zero weight, and 0 * NaN would still be NaN."""
 
-    def __init__(self, batch: int):
+    def __init__(self, batch: int, heads: int, dim_head: int, like: Tensor):
+        # allocated up front: until a row's text commits a token, every row may have none (the view
+        # is then one masked slot)
         self.lengths = [0] * batch
-        self.k = self.v = None
+        self.k, self.v = (like.new_zeros((batch, heads, 16, dim_head)) for _ in range(2))
 
     def write(self, row: int, start: int, k: Tensor, v: Tensor):
         end = start + k.shape[-2]
-
-        if not exists(self.k):
-            b, (_, h, _, d) = len(self.lengths), k.shape
-            self.k, self.v = (k.new_zeros((b, h, max(end, 16), d)) for _ in range(2))
 
         if end > self.k.shape[-2]:
             grow = max(end, 2 * self.k.shape[-2]) - self.k.shape[-2]
@@ -56,5 +54,5 @@ class RowKeysValues:
         self.lengths[row] = end
 
     def view(self) -> tuple[Tensor, Tensor]:
-        length = max(1, max(self.lengths))
+        length = max([1, *self.lengths])
         return self.k[:, :, :length], self.v[:, :, :length]

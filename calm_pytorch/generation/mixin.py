@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from calm_pytorch.composition.inputs import check_usable, per_augment
+from calm_pytorch.composition.inputs import check_causal_anchor, check_usable, per_augment
 from calm_pytorch.generation.composed_anchor import composed_anchor
 from calm_pytorch.generation.decoding import generate
-from calm_pytorch.generation.prompts import check_total_length, new_token_count, prepare_prompt
+from calm_pytorch.generation.prompts import check_total_length, new_token_count, prepare_prompt, renamed_arguments
 from calm_pytorch.generation.sampling import check_sampling
 from calm_pytorch.helpers import exists, typecheck
 
@@ -23,11 +23,13 @@ class GenerationMixin:
     @typecheck
     def generate(
         self,
-        prompt: Tensor | Sequence[Tensor],
+        seq: Tensor | Sequence[Tensor] | None = None,
         seq_len: int | None = None,
         *,
         max_new_tokens: int | None = None,
-        prompt_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        prompt: Tensor | Sequence[Tensor | None] | None = None,
+        prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
         augment_prompt: Tensor | Sequence[Tensor | None] | None = None,
         augment_prompt_mask: Tensor | Sequence[Tensor | None] | None = None,
         temperature: float = 1.,
@@ -41,16 +43,20 @@ class GenerationMixin:
         show_progress: bool | None = None,
         streamer: Any = None
     ) -> Tensor:
-        """Continues `prompt` through the composition; returns the new tokens (b, n_new).
+        """Continues `seq` through the composition; returns the new tokens (b, n_new). The names are
+        those of the forward: `seq` and `mask` are the anchor's, `prompt` and `prompt_mask` the augments'.
 
-        prompt:              (b, n) token ids, or a list of 1-d prompts of different lengths
-                             (left-padded here)
-        seq_len:             total length, prompt included; or give `max_new_tokens` (exactly one)
-        prompt_mask:         (b, n) True for real tokens of a left-padded `prompt`
-        augment_prompt:      context mode: the augments' input (one, or one per augment; None there
+        seq:                 (b, n) the anchor's token ids, or a list of 1-d sequences of different
+                             lengths (left-padded here)
+        seq_len:             total length, `seq` included; or give `max_new_tokens` (exactly one)
+        mask:                (b, n) True for real tokens of a left-padded `seq`
+        prompt:              context mode: the augments' input (one, or one per augment; None there
                              means aligned). Without it every augment reads the sequence being
                              generated (aligned mode)
-        augment_prompt_mask: (b, m) True for real positions of `augment_prompt` (right-padded)
+        prompt_mask:         (b, m) True for real positions of `prompt` (right-padded)
+        augment_prompt, augment_prompt_mask: the names of 0.1.0 for `prompt` and `prompt_mask`,
+                             when `prompt` and `prompt_mask` were the anchor's; deprecated (a
+                             FutureWarning), removed in the next minor version
         temperature:         divides the logits; 0 is greedy
         filter_fn, top_k, top_p, min_p: applied to the tempered logits in that order
                              (see `calm_pytorch.generation.sampling.sample`)
@@ -66,13 +72,15 @@ class GenerationMixin:
                              each step (pad_id for ended rows), then `end()`"""
 
         check_usable(self)
-        prompt, prompt_mask = prepare_prompt(self, prompt, prompt_mask)
+        seq, mask, augment_prompt, augment_prompt_mask = renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_prompt_mask)
+        check_causal_anchor(self, 'generation')
+        prompt, prompt_mask = prepare_prompt(self, seq, mask)
         num_new = new_token_count(prompt.shape[-1], seq_len, max_new_tokens)
         check_sampling(temperature, top_k, top_p, min_p)
 
         num_augments = len(self.augments)
-        augment_prompts = per_augment(augment_prompt, num_augments, 'augment_prompt')
-        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'augment_prompt_mask')
+        augment_prompts = per_augment(augment_prompt, num_augments, 'prompt')
+        augment_prompt_masks = per_augment(augment_prompt_mask, num_augments, 'prompt_mask')
         check_total_length(self, prompt.shape[-1] + num_new, augment_prompts)
 
         if exists(streamer) and not (callable(getattr(streamer, 'put', None)) and callable(getattr(streamer, 'end', None))):
@@ -105,7 +113,7 @@ class GenerationMixin:
     @typecheck
     def composed(
         self,
-        prompt: Tensor | Sequence[Tensor | None],
+        prompt: Tensor | Sequence[Tensor | None] | None = None,
         prompt_mask: Tensor | Sequence[Tensor | None] | None = None
     ) -> AbstractContextManager[Module]:
         """A context in which the anchor itself is composed (context mode): the augments read

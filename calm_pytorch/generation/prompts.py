@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from calm_pytorch.composition.inputs import check_mask, check_tokens
 from calm_pytorch.composition.protocol import Composition
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import default, exists
 
 # the prompts of `generate`, checked before anything runs
 
@@ -16,7 +17,7 @@ def left_pad(prompts: Sequence[Tensor], pad_value: int = 0) -> tuple[Tensor, Ten
     """1-d prompts of different lengths -> (b, n) tokens, left-padded, and their mask (b, n)."""
 
     if len(prompts) == 0 or any(not isinstance(p, Tensor) or p.ndim != 1 or p.numel() == 0 for p in prompts):
-        raise ValueError('a list of prompts must hold non-empty 1-d tensors of token ids')
+        raise ValueError('a list of sequences must hold non-empty 1-d tensors of token ids')
 
     length = max(p.shape[0] for p in prompts)
     tokens = torch.stack([F.pad(p, (length - p.shape[0], 0), value = pad_value) for p in prompts])
@@ -26,10 +27,10 @@ def left_pad(prompts: Sequence[Tensor], pad_value: int = 0) -> tuple[Tensor, Ten
 def check_left_padded(mask: Tensor):
     # real tokens must be right-aligned: the next token is written at the same position for every row
     if mask.shape[-1] > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError('`prompt_mask` must be left-padded (False before the first real token, True after); right-padded prompts would continue after their padding')
+        raise ValueError('`mask` must be left-padded (False before the first real token, True after); right-padded sequences would continue after their padding')
 
     if not bool(mask[:, -1].all()):
-        raise ValueError('`prompt_mask` has a row without any real token; every prompt needs at least one')
+        raise ValueError('`mask` has a row without any real token; every sequence needs at least one')
 
 def prepare_prompt(calm: Composition, prompt: Tensor | Sequence[Tensor], prompt_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """A prompt tensor (b, n) or a list of 1-d prompts -> left-padded tokens and their mask, both
@@ -37,21 +38,57 @@ def prepare_prompt(calm: Composition, prompt: Tensor | Sequence[Tensor], prompt_
 
     if not isinstance(prompt, Tensor):
         if exists(prompt_mask):
-            raise ValueError('`prompt_mask` is for a padded prompt tensor; a list of prompts is padded here and needs none')
+            raise ValueError('`mask` is for a padded tensor of sequences; a list of sequences is padded here and needs none')
 
         prompt, prompt_mask = left_pad(list(prompt))
 
-    check_tokens(prompt, 'prompt')
+    prompt = check_tokens(prompt, 'seq')
 
     if exists(prompt_mask):
-        prompt_mask = check_mask(prompt_mask, prompt, 'prompt_mask', 'prompt')
+        prompt_mask = check_mask(prompt_mask, prompt, 'mask', 'seq')
         check_left_padded(prompt_mask)
 
         if bool(prompt_mask.all()):
             prompt_mask = None
 
-    calm.anchor_adapter.check_token_ids(prompt, 'prompt', prompt_mask)  # padding is never read
+    calm.anchor_adapter.check_token_ids(prompt, 'seq', prompt_mask)  # padding is never read
     return prompt, prompt_mask
+
+def renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_prompt_mask) -> tuple:
+    """`generate`'s names agree with the forward's: `seq` / `mask` the anchor's, `prompt` /
+    `prompt_mask` the augments'. Until the next minor version the names of 0.1.0 keep working
+    (`prompt` / `prompt_mask` the anchor's, `augment_prompt` / `augment_prompt_mask` the augments'),
+    with a FutureWarning; a call reads unambiguously as one or the other. Returns the anchor's
+    tokens and mask, then the augments' prompt and mask."""
+
+    old_augment_names = exists(augment_prompt) or exists(augment_prompt_mask)
+    anchor_tokens_as_prompt = not exists(seq) and exists(prompt)
+    anchor_mask_as_prompt_mask = exists(prompt_mask) and not exists(prompt)
+
+    if not (old_augment_names or anchor_tokens_as_prompt or anchor_mask_as_prompt_mask):
+        if not exists(seq):
+            raise TypeError('`generate` needs the anchor\'s tokens: `calm.generate(seq, max_new_tokens = ...)`')
+
+        return seq, mask, prompt, prompt_mask
+
+    if exists(seq) and exists(prompt) and old_augment_names:
+        raise TypeError('`generate` was given `seq` and `prompt` with `augment_prompt`: the anchor\'s tokens are `seq` and the augments\' input `prompt` (`augment_prompt` is its old name)')
+
+    if exists(mask) and exists(prompt_mask) and (anchor_tokens_as_prompt or anchor_mask_as_prompt_mask or old_augment_names):
+        raise TypeError('`generate` was given `mask` and `prompt_mask` for the anchor\'s tokens: the anchor\'s mask is `mask`')
+
+    warnings.warn(
+        '`generate`\'s arguments were renamed to agree with the forward\'s: the anchor\'s tokens and mask are `seq` and `mask` '
+        '(were `prompt` and `prompt_mask`), the augments\' input and mask `prompt` and `prompt_mask` (were `augment_prompt` and '
+        '`augment_prompt_mask`). The old names work until the next minor version',
+        FutureWarning,
+        stacklevel = 6  # the caller of generate, through no_grad and the type check
+    )
+
+    if anchor_tokens_as_prompt:
+        seq, prompt = prompt, None
+
+    return seq, default(mask, prompt_mask), augment_prompt, augment_prompt_mask
 
 def new_token_count(prompt_len: int, seq_len: int | None, max_new_tokens: int | None) -> int:
     if exists(seq_len) == exists(max_new_tokens):

@@ -25,7 +25,7 @@ class TextStream:
         self.calm, self.index, self.lockstep = calm, index, lockstep
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.states = [DecodeState(rollback = True) for _ in range(batch)]
-        self.kv = {block: RowKeysValues(batch) for block in calm.cross_attns[index]}
+        self.kv = {block: RowKeysValues(batch, block.heads, block.to_q.out_features // block.heads, block.to_kv.weight) for block in calm.cross_attns[index]}
 
     def context(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
         calm = self.calm

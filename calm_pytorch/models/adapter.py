@@ -12,6 +12,7 @@ from torch.nn import Module
 
 from calm_pytorch.helpers import exists
 from calm_pytorch.models.block_names import is_named, resolve_blocks
+from calm_pytorch.models.precision import shapes_only
 from calm_pytorch.models.sites import HiddenPosition, Site, register_read_hook
 
 # an adapter knows one model's calling conventions and where its layers are:
@@ -206,7 +207,7 @@ class ModelAdapter:
         handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]
 
         try:
-            with torch.no_grad():
+            with torch.no_grad(), shapes_only(self.model):
                 self(inputs if exists(inputs) else self.dummy_input())
         finally:
             for handle in handles:
@@ -280,6 +281,30 @@ class ModelAdapter:
                     return False
 
         return True
+
+    def logits_are_causal(self, strict: bool = True) -> bool | None:
+        """The same probe on the logits: does the output at a position depend on later tokens (a
+        bidirectional encoder such as BERT's)? Not strict: None where the logits cannot be found
+        (an output that needs a `logits_fn`), instead of that error."""
+
+        tokens = self.dummy_input(seq_len = 3)
+        perturbed = tokens.clone()
+        perturbed[:, -1] = 1
+
+        training = self.model.training
+        self.model.eval()
+
+        try:
+            with torch.no_grad():
+                before, after = (self.logits(self(inputs)) for inputs in (tokens, perturbed))
+        except TypeError:
+            if strict:
+                raise
+            return None
+        finally:
+            self.model.train(training)
+
+        return torch.allclose(before[:, :-1].float(), after[:, :-1].float(), atol = 1e-5, rtol = 1e-4)
 
 @dataclass
 class DecodeState:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from itertools import chain
 
 import torch
@@ -51,3 +52,14 @@ def to_model(inputs: Tensor, model: Module, name: str) -> Tensor:
 
 def on_meta(module: Module) -> bool:
     return any(tensor.is_meta for tensor in chain(module.parameters(), module.buffers()))
+
+def shapes_only(module: Module) -> AbstractContextManager:
+    """Where a shape probe of `module` runs: for a model on `meta`, under a fake tensor mode, so
+    that a library that checks values (transformers' padding and packed-sequence checks, which call
+    `.item()`) sees a traced input and skips them, as it does under torch.compile."""
+
+    if not on_meta(module):
+        return nullcontext()
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs = True)

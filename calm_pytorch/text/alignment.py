@@ -95,8 +95,9 @@ def align(seq: Tensor, mask: Tensor | None, anchor: AnchorText, augment: Augment
         runs_per_row.append(runs)
         spans_per_row.append(spans)
 
-    r = max(len(runs) for runs in runs_per_row)
-    m = max(1, max(len(run) for runs in runs_per_row for run in runs))
+    # (a batch of no rows reads one placeholder run, of no rows)
+    r = max((len(runs) for runs in runs_per_row), default = 1)
+    m = max((len(run) for runs in runs_per_row for run in runs), default = 1) or 1
 
     # an augment cannot read an empty sequence: an empty run reads one placeholder token, which no
     # anchor position attends to; rows with fewer runs repeat their first, equally unattended

@@ -20,6 +20,9 @@ class AnchorText:
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         tokenizer = self.tokenizer
 
+        if len(sequences) == 0:
+            return []
+
         if callable(getattr(tokenizer, 'batch_decode', None)):
             # transformers: no clean-up, which would rewrite " ." as "." depending on what follows
             return tokenizer.batch_decode(sequences, skip_special_tokens = True, clean_up_tokenization_spaces = False)
@@ -33,7 +36,10 @@ class AugmentText:
     """The augment's tokenizer, seen as `encode`: text -> token ids. A transformers tokenizer or a
     `tokenizers.Tokenizer` (the special tokens it puts before a text, such as a BOS, are kept; those
     after it, such as BERT's [SEP], are left out: the text is still being read), or any object with
-    `encode(text) -> list[int]`, used as it is."""
+    `encode(text) -> list[int]`, used as it is. Padding and truncation are never applied, whatever
+    the tokenizer's own settings: padding to the longest text of a batch would make each text's
+    tokens depend on the other texts (later text of the same row among them), and truncation
+    silently drops text."""
 
     def __init__(self, tokenizer: Any, name: str):
         self.tokenizer = tokenizer
@@ -43,13 +49,21 @@ class AugmentText:
         if self.kind == 'plain' and not callable(getattr(tokenizer, 'encode', None)):
             raise TypeError(f'`{name}` must offer `encode(text) -> list[int]` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
 
+        # a `tokenizers.Tokenizer` applies the padding and truncation it carries (`enable_padding()`,
+        # or a tokenizer.json that ships them) in `encode_batch`: encode with a copy without them,
+        # leaving the user's object as it is
+        self.encoder = without_padding_or_truncation(tokenizer) if self.kind == 'tokenizers' else tokenizer
+
         self.prefix = self.leading_special_tokens() if self.kind != 'plain' else []
 
     def raw_encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        if self.kind == 'transformers':
-            return self.tokenizer(texts, add_special_tokens = add_special_tokens)['input_ids']
+        if len(texts) == 0:
+            return []  # a batch of no rows (transformers cannot encode an empty batch)
 
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens = add_special_tokens)]
+        if self.kind == 'transformers':
+            return self.tokenizer(texts, add_special_tokens = add_special_tokens, padding = False, truncation = False)['input_ids']
+
+        return [encoding.ids for encoding in self.encoder.encode_batch(texts, add_special_tokens = add_special_tokens)]
 
     def leading_special_tokens(self) -> list[int]:
         # what the tokenizer puts before a text: compare a text with and without its special tokens
@@ -62,6 +76,15 @@ class AugmentText:
             return [list(self.tokenizer.encode(text)) for text in texts]
 
         return [self.prefix + ids for ids in self.raw_encode(texts, False)]
+
+def without_padding_or_truncation(tokenizer: Any) -> Any:
+    if getattr(tokenizer, 'padding', None) is None and getattr(tokenizer, 'truncation', None) is None:
+        return tokenizer
+
+    copy = type(tokenizer).from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
 
 def same_vocabulary(anchor_tokenizer: Any, augment_tokenizer: Any) -> bool:
     """An augment whose tokenizer has the anchor's vocabulary reads the anchor's ids themselves."""

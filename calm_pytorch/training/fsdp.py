@@ -51,6 +51,10 @@ def shard_units(model: Module, adapter: ModelAdapter) -> list[Module]:
     # children before their parents: FSDP2 wants nested units sharded inside out
     return [module for module in reversed(list(model.modules())) if id(module) in chosen]
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(tensor, DTensor)
+
 def is_sharded(module: Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
@@ -65,6 +69,21 @@ def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
         raise ValueError(
             f"strategy='fsdp' shards frozen models only, but these of their parameters are trained: {', '.join(trainable[:5])}"
             f"{' ...' if len(trainable) > 5 else ''}. Train them with strategy='ddp'"
+        )
+
+    # FSDP2 splits every weight into shards (aten.split and friends); a quantized weight is a tensor
+    # subclass (torchao's Int8Tensor, ...) that implements only the operations of its own forward
+    quantized = [
+        (name, type(param).__name__) for model in ('anchor', 'augments') for name, param in getattr(calm, model).named_parameters(prefix = model)
+        if type(param) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(param)
+    ]
+
+    if len(quantized) > 0:
+        names = ', '.join(f'{name} ({kind})' for name, kind in quantized[:3])
+        raise ValueError(
+            f"strategy='fsdp' cannot shard quantized weights: {names}{' ...' if len(quantized) > 3 else ''} are tensor subclasses "
+            "that FSDP2 cannot split into shards. Train over quantized models with strategy='ddp' (each process holds the "
+            "quantized models whole), or shard models that are not quantized"
         )
 
     if not distributed.enabled:

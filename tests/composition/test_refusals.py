@@ -130,16 +130,16 @@ def test_out_of_range_ids_are_named_for_an_x_transformers_composition(value):
     with pytest.raises(ValueError, match = r'`prompt\[0\]` ' + message):
         calm(tokens(), prompt = [seq])
 
-    with pytest.raises(ValueError, match = r'`prompt` ' + message):
+    with pytest.raises(ValueError, match = r'`seq` ' + message):
         calm.generate(seq, max_new_tokens = 2)
 
     # the padding of a masked generate prompt is never read, its real positions are
     padded = torch.cat([torch.full((2, 2), -1), seq], dim = -1)
-    with pytest.raises(ValueError, match = r'`prompt` ' + message):
-        calm.generate(padded, prompt_mask = torch.arange(padded.shape[-1]).expand_as(padded) >= 2, max_new_tokens = 2)
+    with pytest.raises(ValueError, match = r'`seq` ' + message):
+        calm.generate(padded, mask = torch.arange(padded.shape[-1]).expand_as(padded) >= 2, max_new_tokens = 2)
 
-    with pytest.raises(ValueError, match = r'`augment_prompt` ' + message):
-        calm.generate(tokens(length = 4), max_new_tokens = 2, augment_prompt = seq)
+    with pytest.raises(ValueError, match = r'`prompt` ' + message):
+        calm.generate(tokens(length = 4), max_new_tokens = 2, prompt = seq)
 
     with pytest.raises(ValueError, match = r'`prompt\[0\]` ' + message):
         with calm.composed(seq):
@@ -158,7 +158,7 @@ def test_out_of_range_ids_are_named_for_hugging_face_models():
     with pytest.raises(ValueError, match = rf'`prompt` holds the token id {VOCAB}, outside the vocabulary of augment_llms\[0\] \(GPT2LMHeadModel\)'):
         calm(torch.randint(0, VOCAB, (2, 6)), prompt = seq)
 
-    with pytest.raises(ValueError, match = rf'`prompt` holds the token id {VOCAB}, outside the vocabulary of anchor_llm'):
+    with pytest.raises(ValueError, match = rf'`seq` holds the token id {VOCAB}, outside the vocabulary of anchor_llm'):
         calm.generate(seq, max_new_tokens = 2)
 
     # in range: composes as before
@@ -200,7 +200,7 @@ def test_an_aligned_augment_over_another_vocabulary_is_refused_on_its_first_alig
     # context mode reads the augment's own tokens, ids of its own vocabulary included
     document = torch.randint(0, 512, (2, 10))
     assert calm(tokens(), prompt = document).isfinite()
-    assert calm.generate(tokens(length = 4), max_new_tokens = 2, augment_prompt = document).shape == (2, 2)
+    assert calm.generate(tokens(length = 4), max_new_tokens = 2, prompt = document).shape == (2, 2)
 
     with calm.composed(document) as anchor:
         anchor(tokens())

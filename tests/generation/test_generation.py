@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import NUM_TOKENS, decoder, tokens
@@ -37,14 +39,14 @@ def composition(num_augments: int, anchor = None, **kwargs) -> CALM:
 
     return untrained_away(CALM(anchor if anchor is not None else decoder(dim = 32, depth = 2), augments, **kwargs))
 
-def generate_with_logits(calm: CALM, prompt, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_with_logits(calm: CALM, seq, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     # the logits of every step, read through filter_fn (with temperature 0 it sees the raw logits)
     steps = []
-    new = calm.generate(prompt, temperature = 0., filter_fn = lambda logits: steps.append(logits) or logits, **kwargs)
+    new = calm.generate(seq, temperature = 0., filter_fn = lambda logits: steps.append(logits) or logits, **kwargs)
     return new, torch.stack(steps, dim = 1)
 
 def mode_kwargs(mode: str, batch: int = 2, length: int = 6) -> dict:
-    return dict() if mode == 'aligned' else dict(augment_prompt = tokens(batch, length))
+    return dict() if mode == 'aligned' else dict(prompt = tokens(batch, length))
 
 # 1. cached decoding equals recomputation
 
@@ -89,7 +91,7 @@ def test_cached_equals_uncached_hf_anchor_and_augment(mode):
     # left-padded rows equal each prompt alone on HF models too (positions count real tokens)
     prompts = [tokens(1, 5)[0], tokens(1, 2)[0]]
     contexts = tokens(2, 6)
-    context_of = lambda rows: dict(augment_prompt = contexts[rows]) if mode == 'context' else dict()
+    context_of = lambda rows: dict(prompt = contexts[rows]) if mode == 'context' else dict()
     batched, batched_logits = generate_with_logits(calm, prompts, max_new_tokens = 6, **context_of(slice(None)))
 
     for row, prompt in enumerate(prompts):
@@ -108,7 +110,7 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(mode, use_cache):
     context_mask[1, 4:] = False  # a shorter, right-padded context
 
     def context_of(rows):
-        return dict(augment_prompt = contexts[rows], augment_prompt_mask = context_mask[rows]) if mode == 'context' else dict()
+        return dict(prompt = contexts[rows], prompt_mask = context_mask[rows]) if mode == 'context' else dict()
 
     batched, batched_logits = generate_with_logits(calm, prompts, max_new_tokens = 8, use_cache = use_cache, **context_of(slice(None)))
 
@@ -126,12 +128,12 @@ def test_padded_prompt_tensor_with_mask_equals_list_of_prompts():
     mask = padded != -1
 
     assert torch.equal(
-        calm.generate(padded, prompt_mask = mask, max_new_tokens = 5, temperature = 0.),
+        calm.generate(padded, mask = mask, max_new_tokens = 5, temperature = 0.),
         calm.generate(prompts, max_new_tokens = 5, temperature = 0.)
     )
 
     with pytest.raises(ValueError, match = 'left-padded'):
-        calm.generate(padded, prompt_mask = mask.flip(-1), max_new_tokens = 5)
+        calm.generate(padded, mask = mask.flip(-1), max_new_tokens = 5)
 
 # 3. no off-by-one, eos, sampling filters
 
@@ -232,7 +234,7 @@ def test_context_is_projected_once_per_generate_call(monkeypatch, num_new):
     project = CrossAttentionBlock.project_context
     monkeypatch.setattr(CrossAttentionBlock, 'project_context', lambda self, context: calls.append(tuple(context.shape)) or project(self, context))
 
-    calm.generate(tokens(2, 5), max_new_tokens = num_new, augment_prompt = tokens(2, 7))
+    calm.generate(tokens(2, 5), max_new_tokens = num_new, prompt = tokens(2, 7))
     assert len(calls) == sum(len(blocks) for blocks in calm.cross_attns)  # one per cross-attention, not per token
 
     # aligned mode projects each new augment position once: the prompt, then one position per step
@@ -251,7 +253,40 @@ def test_step_logits_equal_the_full_composition_forward(mode):
     new, step_logits = generate_with_logits(calm, prompt, max_new_tokens = 10, **kwargs)
     seq = torch.cat((prompt, new), dim = -1)
 
-    forward_kwargs = dict(prompt = kwargs['augment_prompt']) if mode == 'context' else dict()
+    forward_kwargs = dict(prompt = kwargs['prompt']) if mode == 'context' else dict()
     logits = calm(seq[:, :-1], return_loss = False, **forward_kwargs)
 
     assert torch.allclose(step_logits, logits[:, 3:], atol = 1e-5)
+
+# 7. generate's names agree with the forward's; the names of 0.1.0 still work, with a FutureWarning
+
+def test_generate_names_the_anchor_tokens_seq_and_the_augments_input_prompt():
+    calm = composition(1)
+    padded, document = tokens(2, 5), tokens(2, 7)
+    mask = torch.ones_like(padded, dtype = torch.bool)
+    mask[1, :2] = False
+    document_mask = torch.ones_like(document, dtype = torch.bool)
+    document_mask[0, 5:] = False
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the new names warn nothing
+        new = calm.generate(padded, mask = mask, prompt = document, prompt_mask = document_mask, max_new_tokens = 4, temperature = 0.)
+        aligned = calm.generate(seq = padded, mask = mask, max_new_tokens = 4, temperature = 0.)
+
+    old_calls = [
+        lambda: calm.generate(padded, prompt_mask = mask, augment_prompt = document, augment_prompt_mask = document_mask, max_new_tokens = 4, temperature = 0.),
+        lambda: calm.generate(prompt = padded, prompt_mask = mask, augment_prompt = document, augment_prompt_mask = document_mask, max_new_tokens = 4, temperature = 0.),
+    ]
+
+    for old in old_calls:
+        with pytest.warns(FutureWarning, match = r'renamed.*`seq` and `mask` \(were `prompt` and `prompt_mask`\).*`augment_prompt`'):
+            assert torch.equal(old(), new)
+
+    with pytest.warns(FutureWarning, match = 'renamed'):
+        assert torch.equal(calm.generate(padded, prompt_mask = mask, max_new_tokens = 4, temperature = 0.), aligned)
+
+    with pytest.raises(TypeError, match = r"the anchor's tokens are `seq` and the augments' input `prompt`"):
+        calm.generate(padded, prompt = document, augment_prompt = document, max_new_tokens = 4)
+
+    with pytest.raises(TypeError, match = r"needs the anchor's tokens"):
+        calm.generate(max_new_tokens = 4)

@@ -69,12 +69,12 @@ def test_anchor_and_augment_read_the_prompt_once_then_one_position_per_step(fami
 
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # no warning that a model recomputes
-        cached = calm.generate(prompt, max_new_tokens = NEW, prompt_mask = mask, augment_prompt = document, **GREEDY)
+        cached = calm.generate(prompt, max_new_tokens = NEW, mask = mask, prompt = document, **GREEDY)
 
     assert anchor_reads == [8] + [1] * (NEW - 1)
     assert augment_reads == ([8] + [1] * (NEW - 1) if mode == 'aligned' else [7])
 
-    recomputed = calm.generate(prompt, max_new_tokens = NEW, prompt_mask = mask, augment_prompt = document, use_cache = False, **GREEDY)
+    recomputed = calm.generate(prompt, max_new_tokens = NEW, mask = mask, prompt = document, use_cache = False, **GREEDY)
     assert torch.equal(cached, recomputed)
 
 def text_composition(anchor_family: str):

@@ -127,13 +127,13 @@ def test_a_thread_started_while_two_blocks_are_open_is_refused(setup):
 def test_calm_generate_streams_its_tokens_to_hugging_face_streamers(setup):
     calm, _, tokenizer, input_ids, document, _ = setup
     prompt = torch.cat([input_ids, input_ids.flip(-1)])
-    expected = calm.generate(prompt, max_new_tokens = 8, temperature = 0., augment_prompt = document.expand(2, -1))
+    expected = calm.generate(prompt, max_new_tokens = 8, temperature = 0., prompt = document.expand(2, -1))
 
     # the second row ends at its second token: the streamer gets pad_id after it, as returned
     eos_id = int(expected[1, 1])
-    ended = calm.generate(prompt, max_new_tokens = 8, temperature = 0., augment_prompt = document.expand(2, -1), eos_id = eos_id, pad_id = 0)
+    ended = calm.generate(prompt, max_new_tokens = 8, temperature = 0., prompt = document.expand(2, -1), eos_id = eos_id, pad_id = 0)
     tokens = Tokens()
-    streamed = calm.generate(prompt, max_new_tokens = 8, temperature = 0., augment_prompt = document.expand(2, -1), eos_id = eos_id, pad_id = 0, streamer = tokens)
+    streamed = calm.generate(prompt, max_new_tokens = 8, temperature = 0., prompt = document.expand(2, -1), eos_id = eos_id, pad_id = 0, streamer = tokens)
 
     assert torch.equal(streamed, ended) and tokens.ended
     assert torch.equal(tokens.puts[0], prompt)
@@ -142,7 +142,7 @@ def test_calm_generate_streams_its_tokens_to_hugging_face_streamers(setup):
 
     # the documented thread pattern, with text
     text = TextIteratorStreamer(tokenizer, skip_prompt = True)
-    worker = threading.Thread(target = calm.generate, args = (input_ids,), kwargs = dict(max_new_tokens = 8, temperature = 0., augment_prompt = document, streamer = text))
+    worker = threading.Thread(target = calm.generate, args = (input_ids,), kwargs = dict(max_new_tokens = 8, temperature = 0., prompt = document, streamer = text))
     worker.start()
     assert ''.join(text) == tokenizer.decode(expected[0])
     worker.join()
@@ -152,7 +152,7 @@ def test_the_streamer_ends_even_when_generation_fails(setup):
     tokens = Tokens()
 
     with pytest.raises(ValueError):
-        calm.generate(input_ids, max_new_tokens = 4, augment_prompt = torch.full((1, 3), 10**6), streamer = tokens)
+        calm.generate(input_ids, max_new_tokens = 4, prompt = torch.full((1, 3), 10**6), streamer = tokens)
 
     assert tokens.ended
 

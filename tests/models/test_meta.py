@@ -25,7 +25,11 @@ def compose(anchor, augment) -> CALM:
 
 def load_frozen(model, real):
     # the weights, and the buffers a state dict leaves out (rotary tables), which a model's own
-    # loader computes (transformers' from_pretrained does)
+    # loader computes (transformers' from_pretrained does); `to_empty` untied tied embeddings,
+    # which from_pretrained ties again
+    if hasattr(model, 'tie_weights'):
+        model.tie_weights()
+
     model.load_state_dict(real.state_dict())
     with torch.no_grad():
         for buffer, real_buffer in zip(model.buffers(), real.buffers()):
@@ -88,3 +92,27 @@ def test_a_meta_augment_is_probed_for_causality_at_its_first_aligned_call():
 
     assert calm.augment_is_causal == [False]
     calm(tokens(), prompt = tokens(length = 10))  # context mode is fine
+
+# transformers decoders on both sides: their forward checks values (padding in the ids, packed
+# sequences in the positions), which the construction's shape probes must not reach on meta
+
+HF_AUGMENTS = dict(
+    hf_llama = lambda: hf_models.llama(dim = 24, depth = 4),
+    hf_gpt2 = lambda: hf_models.gpt2(dim = 24, depth = 4),
+)
+
+@pytest.mark.parametrize('augment', HF_AUGMENTS)
+def test_transformers_decoders_on_both_sides_built_on_meta(augment, tmp_path):
+    calm, source = materialised('hf_llama', augment = HF_AUGMENTS[augment])
+    assert calm.connections == source.connections
+
+    with torch.no_grad():
+        for param in source.cross_attns.parameters():
+            param.normal_(std = 0.2)
+
+    calm.load(source.save(tmp_path / 'composition.safetensors'))
+
+    seq = tokens() % 128
+    assert torch.equal(calm(seq, return_loss = False), source(seq, return_loss = False))
+    assert torch.equal(calm.generate(seq[:, :6], max_new_tokens = 4, temperature = 0.), source.generate(seq[:, :6], max_new_tokens = 4, temperature = 0.))
+    assert calm.augment_is_causal == [True] and calm.anchor_is_causal

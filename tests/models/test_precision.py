@@ -120,7 +120,7 @@ def test_generation_in_bf16():
 
     randomize(calm)
     for kwargs in (dict(temperature = 0.), dict(temperature = 1., top_k = 5)):
-        new = calm.generate(prompt, max_new_tokens = 4, augment_prompt = tokens(length = 6), **kwargs)
+        new = calm.generate(prompt, max_new_tokens = 4, prompt = tokens(length = 6), **kwargs)
         assert new.shape == (2, 4) and new.dtype == torch.long and ((0 <= new) & (new < 256)).all()
 
 def test_segment_recurrent_anchor_in_bf16_with_a_float32_augment():

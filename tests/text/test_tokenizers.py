@@ -216,8 +216,8 @@ def test_augments_with_and_without_a_tokenizer_mix():
 
     assert logits.shape == (1, seq.shape[-1], len(byte_bpe()))
 
-    cached = calm.generate(seq, max_new_tokens = 6, temperature = 0., augment_prompt = [None, None, document])
-    uncached = calm.generate(seq, max_new_tokens = 6, temperature = 0., augment_prompt = [None, None, document], use_cache = False)
+    cached = calm.generate(seq, max_new_tokens = 6, temperature = 0., prompt = [None, None, document])
+    uncached = calm.generate(seq, max_new_tokens = 6, temperature = 0., prompt = [None, None, document], use_cache = False)
     assert torch.equal(cached, uncached)
 
 # generation

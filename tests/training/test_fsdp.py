@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from calm_pytorch import CALM, AugmentParams, FineTuner
+from calm_pytorch import CALM, AugmentParams, FineTuner, read_wiring
 from calm_pytorch.training.fsdp import local_and_global_numel
 from calm_pytorch.training.step_checkpoints import checkpoints
 
@@ -145,6 +145,16 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_loads_anywhere(ranks
 
     assert (logits - ranks[0]['logits']).abs().max() <= 1e-5
 
+def test_a_checkpoint_written_under_fsdp_names_the_models_own_classes(ranks):
+    out_dir, _ = ranks
+    path = out_dir / 'run' / 'step-00000003' / 'composition.safetensors'
+    wiring, single = read_wiring(path), read_wiring(build(hf_anchor = True).save(out_dir / 'single.safetensors'))
+
+    # FSDP2 swaps each sharded module's class for a generated FSDP<Class>: the file names the model's own
+    assert (wiring['anchor'], wiring['augments'][0]['model']) == ('LlamaForCausalLM', 'TransformerWrapper')
+    assert (wiring['models']['anchor']['model'], wiring['models']['augments'][0]['model']) == ('LlamaForCausalLM', 'TransformerWrapper')
+    assert (wiring['anchor'], wiring['augments'][0]['model']) == (single['anchor'], single['augments'][0]['model'])
+
 def test_fsdp_resume_equals_uninterrupted_run(ranks):
     _, ranks = ranks
 
@@ -173,6 +183,14 @@ def test_each_rank_holds_half_of_the_frozen_weights_and_nothing_stays_gathered(r
     # flags it restores on removal included) keeps a full copy of the frozen weights alive
     for rank in ranks:
         assert rank['whole_count'] > 0 and rank['whole_alive'] == 0
+
+def test_fsdp_refuses_quantized_frozen_models_up_front():
+    quantization = pytest.importorskip('torchao.quantization', reason = 'needs torchao, in the test extra: pip install -e ".[test]"')
+    calm = build(hf_anchor = True)
+    quantization.quantize_(calm.augments[0], quantization.Int8WeightOnlyConfig())  # the x-transformers augment
+
+    with pytest.raises(ValueError, match = r"strategy='fsdp' cannot shard quantized weights: augments\.0\.\S+ \(\w+\).*strategy='ddp'"):
+        finetuner(calm, batch_size = 2, strategy = 'fsdp')
 
 def test_fsdp_refuses_trained_anchor_parameters():
     calm = build(hf_anchor = True)

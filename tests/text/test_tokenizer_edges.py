@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from text_tokenizers import across_spaces_bpe, byte_bpe, wordpiece
+from torch import nn
+from x_transformers import Decoder, TransformerWrapper
+
+from calm_pytorch import CALM, AugmentParams
+
+# aligned mode across tokenizers at its edges: nothing committed yet, and batches of no rows
+
+def composition(augment_tokenizer) -> CALM:
+    torch.manual_seed(0)
+    anchor = TransformerWrapper(num_tokens = len(byte_bpe()), max_seq_len = 256, attn_layers = Decoder(dim = 32, depth = 2, heads = 2, attn_dim_head = 16))
+    augment = TransformerWrapper(num_tokens = len(augment_tokenizer), max_seq_len = 256, attn_layers = Decoder(dim = 24, depth = 2, heads = 2, attn_dim_head = 16))
+    calm = CALM(anchor, AugmentParams(model = augment, tokenizer = augment_tokenizer, connect_every_num_layers = 1), anchor_tokenizer = byte_bpe(), attn_kwargs = dict(heads = 2, dim_head = 16))
+
+    for param in calm.cross_attns.parameters():
+        if param.ndim == 2:
+            nn.init.normal_(param, std = 0.2)
+
+    return calm.eval()
+
+AUGMENT_TOKENIZERS = {'no_special_tokens': across_spaces_bpe, 'cls_first': wordpiece}
+
+# prompts whose committed text is empty: whitespace, a BOS alone, one word that may go on
+PROMPTS = {'whitespace': [byte_bpe().convert_tokens_to_ids('Ġ')], 'bos_only': [byte_bpe().bos_token_id], 'one_word': byte_bpe()('the')['input_ids']}
+
+@pytest.mark.parametrize('augment_tokenizer', AUGMENT_TOKENIZERS)
+@pytest.mark.parametrize('prompt', PROMPTS)
+def test_cached_generation_starts_with_nothing_committed(augment_tokenizer, prompt):
+    calm = composition(AUGMENT_TOKENIZERS[augment_tokenizer]())
+    tokens = torch.tensor([PROMPTS[prompt]] * 2)
+
+    with torch.no_grad():
+        cached, uncached = (calm.generate(tokens, max_new_tokens = 6, temperature = 0., use_cache = use_cache) for use_cache in (True, False))
+
+    assert torch.equal(cached, uncached)
+
+    # greedy: each new token is the argmax of the forward over the text so far
+    with torch.no_grad():
+        logits = calm(torch.cat((tokens, cached), dim = -1), return_loss = False)
+
+    assert torch.equal(logits[:, tokens.shape[-1] - 1:-1].argmax(-1), cached)
+
+@pytest.mark.parametrize('augment_tokenizer', AUGMENT_TOKENIZERS)
+def test_a_batch_of_no_rows_gives_no_rows(augment_tokenizer):
+    calm = composition(AUGMENT_TOKENIZERS[augment_tokenizer]())
+    empty = torch.zeros((0, 5), dtype = torch.long)
+
+    with torch.no_grad():
+        assert calm(empty, return_loss = False).shape == (0, 5, len(byte_bpe()))
+
+        for use_cache in (True, False):
+            assert calm.generate(empty, max_new_tokens = 3, use_cache = use_cache).shape == (0, 3)
