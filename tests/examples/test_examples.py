@@ -29,7 +29,7 @@ def test_hf_trainer_example_trains_saves_and_reloads(monkeypatch, capsys, tmp_pa
     assert trained == reloaded and float(trained) > float(untrained)
 
     # periodic checkpoints and the final save hold the composition, not the frozen models
-    assert sorted(path.name for path in (tmp_path / 'final').iterdir()) == ['composition.safetensors', 'training_args.bin']
+    assert sorted(path.name for path in (tmp_path / 'final').iterdir()) == ['README.md', 'composition.safetensors', 'config.json', 'training_args.bin']
     assert (tmp_path / 'checkpoint-30' / 'composition.safetensors').is_file() and not (tmp_path / 'checkpoint-30' / 'model.safetensors').exists()
 
 def test_train_example_under_torchrun_with_sharded_frozen_models(tmp_path):
