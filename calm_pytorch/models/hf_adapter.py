@@ -211,8 +211,9 @@ class HFAdapter(ModelAdapter):
         state.length = min(state.length, length)
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
-        """One decoding step with the model's cache (see `ModelAdapter.decode`). Positions count
-        real tokens only, so a left-padded row sees the positions it would see alone."""
+        """One decoding step with the model's cache (see `ModelAdapter.decode`); its logits are
+        those of the last position. Positions count real tokens only, so a left-padded row sees
+        the positions it would see alone."""
 
         if not self.can_cache:
             return super().decode(tokens, mask, state)
@@ -230,10 +231,15 @@ class HFAdapter(ModelAdapter):
 
         start, state.length = state.length, tokens.shape[-1]
 
+        # generation reads the logits of the newest position only: the vocabulary projection of
+        # the rest of a prompt is skipped, as in transformers' own generate
+        last_logits = dict(logits_to_keep = 1) if 'logits_to_keep' in self.params else dict()
+
         return self.model(
             input_ids = tokens[:, start:],
             attention_mask = mask,
             position_ids = position_ids[:, start:],
             use_cache = True,
-            **{self.cache_kwarg: state.cache}
+            **{self.cache_kwarg: state.cache},
+            **last_logits
         )
