@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,9 +191,22 @@ class ModelAdapter:
         unique = {site.key: site for site in sites}
         handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]
 
+        inputs = inputs if exists(inputs) else self.dummy_input()
+        kwargs, mode = {}, nullcontext()
+
+        if inputs.is_meta:
+            # transformers reads the values of the position ids or of the padding mask while it
+            # builds its masks (`.all()`, `in`) unless the tensors are fake, as under torch.compile:
+            # a mask of ones and fake tensors keep a probe of a meta model to shapes
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            mode = FakeTensorMode(allow_non_fake_inputs = True)
+
+            if not exists(self.input_shape) and exists(self.mask_kwarg):
+                kwargs['mask'] = torch.ones(inputs.shape, dtype = torch.bool, device = inputs.device)
+
         try:
-            with torch.no_grad():
-                self(inputs if exists(inputs) else self.dummy_input())
+            with torch.no_grad(), mode:
+                self(inputs, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()

@@ -88,3 +88,15 @@ def test_a_meta_augment_is_probed_for_causality_at_its_first_aligned_call():
 
     assert calm.augment_is_causal == [False]
     calm(tokens(), prompt = tokens(length = 10))  # context mode is fine
+
+@pytest.mark.parametrize('augment', [lambda: hf_models.llama(dim = 24, depth = 4), lambda: hf_models.gpt2(dim = 24, depth = 4)], ids = ['llama', 'gpt2'])
+def test_transformers_augments_on_meta_compose(augment):
+    # transformers reads the values of the position ids and padding while it builds its masks:
+    # the constructor's probe must not, on meta
+    calm, reference = materialised('hf_llama', augment = augment)
+    calm.init_composition_weights()
+
+    seq = tokens() % 128
+    assert calm.augment_is_causal == [None]
+    assert torch.equal(calm(seq, return_loss = False), reference(seq, return_loss = False))
+    assert calm.augment_is_causal == [True]
