@@ -21,8 +21,8 @@ from calm_pytorch.models.precision import on_meta
 from calm_pytorch.training.data import MapDataset, ResumableDistributedSampler, as_kwargs, to_device
 from calm_pytorch.training.distributed import setup_distributed, wrap_for_ddp
 from calm_pytorch.training.fsdp import STRATEGIES, Strategy, average_gradients, shard_frozen_models
-from calm_pytorch.training.sharded_loading import shard_and_load
 from calm_pytorch.training.schedule import Schedule, warmup_then
+from calm_pytorch.training.sharded_loading import shard_and_load
 from calm_pytorch.training.step_checkpoints import (
     COMPOSITION_FILE,
     latest_checkpoint,
