@@ -11,6 +11,7 @@ batch 1 and sequence 1024.
     python benchmarks/memory.py --small           # tiny models: a check in seconds
     python benchmarks/memory.py --variants 'no checkpointing,checkpointing'
     python benchmarks/memory.py --variants 'fsdp (2 processes),quantized anchor'
+    python benchmarks/memory.py --variants 'load from files (1 process),fsdp sharded load from files (2 processes)'
 
 Each variant runs in a fresh subprocess, which reports its peak resident set (VmHWM, reset
 before the measured step) with large allocations served by mmap, so that freed tensors leave the
@@ -36,6 +37,12 @@ they are composed, one preparing the composition, and a launcher (default: one s
   calls), the replicated composition's gradients averaged as the FineTuner does; the row is the
   larger of the two processes' peaks. Each process builds the whole models before sharding them
   (that transient is before the measured step).
+- 'load from files (1 process)' and 'fsdp sharded load from files (2 processes)': the frozen
+  models saved once by `save_pretrained` (in `--files`, 1 GB shards with an index), the CALM built
+  on meta and loaded by `calm_pytorch.training.sharded_loading.shard_and_load` (what
+  `FineTuner(strategy = 'fsdp', frozen_checkpoints = ...)` calls): whole in one process, or each
+  process its shards. Every row also reports its peak during load (from the first model built to
+  the first step), against the whole load in one process.
 - 'quantized anchor': the anchor's Linear weights int8 weight-only (torchao's
   `Int8WeightOnlyConfig`, as tests/test_quantized.py does it), the augment float32.
 - '... + checkpointing': `calm.gradient_checkpointing_enable()` first (before sharding).

@@ -115,8 +115,10 @@ def read_rows(files: dict[str, Path], name: str, start: int, count: int) -> Tens
 
     # opened per tensor: the file's pages this process touched leave its resident set when it is closed
     with safe_open(files[name], framework = 'pt') as file:
-        rows = file.get_slice(name)
-        return rows[start:start + count] if len(rows.get_shape()) > 0 else rows[...]
+        if len(file.get_slice(name).get_shape()) == 0:
+            return file.get_tensor(name)
+
+        return file.get_slice(name)[start:start + count]
 
 def tied_names(model: Module) -> list[list[str]]:
     """The names of each parameter that goes by several (an embedding tied to its head)."""
