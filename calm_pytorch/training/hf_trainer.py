@@ -32,9 +32,9 @@ from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 # and the rest (the composition, the models' embeddings, norms and heads) is the root unit. Trainer
 # would save the whole model at every checkpoint (`save_fsdp_model`), frozen weights included;
 # CALMTrainer writes the composition only: every process gathers the composition's parameters,
-# rank 0 writes `calm.save`. The optimizer state (of the composition only) is Accelerate's own FSDP file, and a
-# resume loads the composition into the shards (a whole tensor read as replicated, each process
-# keeping its rows). Accelerate 1.16 enables FSDP only on accelerators: on CPU it trains with DDP
+# rank 0 writes `calm.save`. The optimizer state (of the composition only) is Accelerate's own FSDP
+# file, and a resume loads the composition into the shards (a whole tensor read as replicated,
+# each process keeping its rows). Accelerate 1.16 enables FSDP only on accelerators: on CPU it trains with DDP
 # instead, silently; CALMTrainer refuses that.
 
 def fsdp_asked(args) -> bool:
@@ -78,8 +78,9 @@ class CALMTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
         if fsdp_asked(self.args) and not self.is_fsdp_enabled:
+            options = ' '.join(str(getattr(option, 'value', option)) for option in self.args.fsdp or [])
             raise ValueError(
-                f'FSDP was asked for (TrainingArguments(fsdp={self.args.fsdp!r}) or ACCELERATE_USE_FSDP), but Accelerate runs '
+                f"FSDP was asked for (TrainingArguments(fsdp='{options}') or ACCELERATE_USE_FSDP), but Accelerate runs "
                 f'{self.accelerator.distributed_type.value} here: it enables FSDP on accelerators only (GPUs, ...), and on CPU it would '
                 f'train with DDP, every process holding the whole frozen models. On CPU, shard the frozen models with '
                 f"FineTuner(strategy='fsdp'); or leave fsdp unset to train with DDP"
