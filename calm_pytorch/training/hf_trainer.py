@@ -78,9 +78,8 @@ class CALMTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
         if fsdp_asked(self.args) and not self.is_fsdp_enabled:
-            options = ' '.join(str(getattr(option, 'value', option)) for option in self.args.fsdp or [])
             raise ValueError(
-                f"FSDP was asked for (TrainingArguments(fsdp='{options}') or ACCELERATE_USE_FSDP), but Accelerate runs "
+                'FSDP was asked for (TrainingArguments(fsdp=...) or ACCELERATE_USE_FSDP), but Accelerate runs '
                 f'{self.accelerator.distributed_type.value} here: it enables FSDP on accelerators only (GPUs, ...), and on CPU it would '
                 f'train with DDP, every process holding the whole frozen models. On CPU, shard the frozen models with '
                 f"FineTuner(strategy='fsdp'); or leave fsdp unset to train with DDP"
