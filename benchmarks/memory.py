@@ -11,6 +11,7 @@ batch 1 and sequence 1024.
     python benchmarks/memory.py --small           # tiny models: a check in seconds
     python benchmarks/memory.py --variants 'no checkpointing,checkpointing'
     python benchmarks/memory.py --variants 'fsdp (2 processes),quantized anchor'
+    python benchmarks/memory.py --variants 'load from files (1 process),fsdp sharded load from files (2 processes)'
 
 Each variant runs in a fresh subprocess, which reports its peak resident set (VmHWM, reset
 before the measured step) with large allocations served by mmap, so that freed tensors leave the
@@ -36,6 +37,12 @@ they are composed, one preparing the composition, and a launcher (default: one s
   calls), the replicated composition's gradients averaged as the FineTuner does; the row is the
   larger of the two processes' peaks. Each process builds the whole models before sharding them
   (that transient is before the measured step).
+- 'load from files (1 process)' and 'fsdp sharded load from files (2 processes)': the frozen
+  models saved once by `save_pretrained` (in `--files`, 1 GB shards with an index), the CALM built
+  on meta and loaded by `calm_pytorch.training.sharded_loading.shard_and_load` (what
+  `FineTuner(strategy = 'fsdp', frozen_checkpoints = ...)` calls): whole in one process, or each
+  process its shards. Every row also reports its peak during load (from the first model built to
+  the first step), against the whole load in one process.
 - 'quantized anchor': the anchor's Linear weights int8 weight-only (torchao's
   `Int8WeightOnlyConfig`, as tests/test_quantized.py does it), the augment float32.
 - '... + checkpointing': `calm.gradient_checkpointing_enable()` first (before sharding).
@@ -110,11 +117,30 @@ def shard(calm):
     shard_frozen_models(calm, distributed)
     return lambda params: average_gradients(params, distributed)
 
+def load_from_files(setup: Setup, variant: Variant):
+    """The composition built on meta and its frozen models loaded from the checkpoint files the
+    parent wrote, by `shard_and_load` (what `FineTuner(strategy = 'fsdp', frozen_checkpoints = ...)`
+    calls): sharded over the processes, or whole in one process."""
+    from calm_pytorch.training.distributed import setup_distributed
+    from calm_pytorch.training.fsdp import average_gradients
+    from calm_pytorch.training.sharded_loading import shard_and_load
+
+    with torch.device('meta'):
+        anchor, augment = build_models(setup)
+        calm = build_calm(setup, anchor, augment)
+
+    distributed = setup_distributed('cpu')
+    folder = variant.options['files']
+    shard_and_load(calm, [os.path.join(folder, 'anchor'), os.path.join(folder, 'augment')], distributed = distributed)
+    return anchor, augment, calm, lambda params: average_gradients(params, distributed)
+
 VARIANTS = [
     Variant('no checkpointing'),
     Variant('checkpointing', prepare = lambda calm: calm.gradient_checkpointing_enable()),
     Variant('fsdp (2 processes)', prepare = shard, launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
     Variant('fsdp (2 processes) + checkpointing', prepare = lambda calm: checkpointed(calm, then = shard), launch = lambda *args: launch_processes(*args), options = dict(processes = 2)),
+    Variant('load from files (1 process)', options = dict(load = load_from_files)),
+    Variant('fsdp sharded load from files (2 processes)', launch = lambda *args: launch_processes(*args), options = dict(processes = 2, load = load_from_files)),
     Variant('quantized anchor', models = quantize_anchor),
     Variant('quantized anchor + checkpointing', models = quantize_anchor, prepare = lambda calm: checkpointed(calm)),
 ]
@@ -215,12 +241,21 @@ def run_child(setup: Setup, variant: Variant) -> dict:
     transformers.LlamaForCausalLM, transformers.LlamaConfig
 
     interpreter = rss_bytes('VmRSS')
-    anchor, augment = build_models(setup)
-    unsharded = held_bytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()])
-    variant.models(anchor, augment)
+    reset_peak_rss()
 
-    calm = build_calm(setup, anchor, augment)
-    after_backward = variant.prepare(calm) or (lambda params: None)
+    if 'load' in variant.options:
+        anchor, augment, calm, after_backward = variant.options['load'](setup, variant)
+        unsharded = sum(param.numel() for model in (anchor, augment) for param in model.parameters()) * torch.empty((), dtype = getattr(torch, setup.dtype)).element_size()
+    else:
+        anchor, augment = build_models(setup)
+        unsharded = held_bytes([*anchor.parameters(), *anchor.buffers(), *augment.parameters(), *augment.buffers()])
+        variant.models(anchor, augment)
+
+        calm = build_calm(setup, anchor, augment)
+        after_backward = variant.prepare(calm) or (lambda params: None)
+
+    # building and loading: the peak before the first step
+    load_peak = rss_bytes('VmHWM')
     gc.collect()
 
     composition = list(calm.cross_attns.parameters())
@@ -250,6 +285,7 @@ def run_child(setup: Setup, variant: Variant) -> dict:
 
     return dict(
         peak = peak,
+        load_peak = load_peak,
         before = before,
         interpreter = interpreter,
         saved = saved.bytes,
@@ -263,10 +299,23 @@ def run_child(setup: Setup, variant: Variant) -> dict:
         block_input = setup.batch * setup.seq_len * setup.anchor['hidden_size'] * torch.empty((), dtype = getattr(torch, setup.dtype)).element_size()
     )
 
+def child_options(variant: Variant) -> dict:
+    # what a child needs of the parent's options: where the checkpoint files are
+    return {key: value for key, value in variant.options.items() if key == 'files'}
+
+def write_checkpoints(setup: Setup, folder: str):
+    """The frozen models' files as transformers saves them (safetensors shards and an index), once."""
+    if os.path.isfile(os.path.join(folder, 'augment', 'config.json')):
+        return
+
+    anchor, augment = build_models(setup)
+    anchor.save_pretrained(os.path.join(folder, 'anchor'), max_shard_size = '1GB')
+    augment.save_pretrained(os.path.join(folder, 'augment'), max_shard_size = '1GB')
+
 def run_in_subprocess(setup: Setup, variant: Variant, threads: int) -> dict:
     # glibc keeps freed heap blocks resident; served by mmap, a freed tensor leaves the resident set at once
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
-    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name)), '--threads', str(threads)]
+    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name, options = child_options(variant))), '--threads', str(threads)]
     result = subprocess.run(command, env = env, capture_output = True, text = True)
 
     if result.returncode != 0:
@@ -286,7 +335,7 @@ def launch_processes(setup: Setup, variant: Variant, threads: int) -> dict:
 
     world_size = variant.options['processes']
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'WORLD_SIZE': str(world_size), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port())}
-    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name)), '--threads', str(threads)]
+    command = [sys.executable, __file__, '--child', json.dumps(dict(setup = asdict(setup), variant = variant.name, options = child_options(variant))), '--threads', str(threads)]
 
     processes = [
         subprocess.Popen(command, env = {**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank)}, stdout = subprocess.PIPE, stderr = subprocess.PIPE, text = True)
@@ -299,7 +348,7 @@ def launch_processes(setup: Setup, variant: Variant, threads: int) -> dict:
             raise RuntimeError(f'rank {rank} of {variant.name!r} failed:\n{stderr[-3000:]}')
 
     ranks = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
-    row = {key: max(rank[key] for rank in ranks) for key in ('peak', 'before', 'saved', 'frozen_held')}
+    row = {key: max(rank[key] for rank in ranks) for key in ('peak', 'load_peak', 'interpreter', 'before', 'saved', 'frozen_held')}
     return {**ranks[0], **row, 'ranks': ranks}
 
 # the limit, from the measured parts
@@ -342,6 +391,7 @@ def main():
     parser.add_argument('--seq-len', type = int, default = None)
     parser.add_argument('--dtype', default = None, help = 'of the frozen models: float32 (default) or bfloat16')
     parser.add_argument('--threads', type = int, default = 1, help = 'torch threads (1 on a shared machine)')
+    parser.add_argument('--files', default = os.path.join(os.path.expanduser('~'), '.cache', 'calm_pytorch', 'memory-benchmark'), help = 'where the load rows write (once) and read the frozen models\' checkpoint files')
     parser.add_argument('--child', default = None, help = argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -350,7 +400,9 @@ def main():
 
     if args.child is not None:
         child = json.loads(args.child)
-        print(json.dumps(run_child(Setup(**child['setup']), by_name[child['variant']])))
+        variant = by_name[child['variant']]
+        variant.options = {**variant.options, **child.get('options', {})}
+        print(json.dumps(run_child(Setup(**child['setup']), variant)))
         return
 
     setup = SETUPS['small' if args.small else 'big']
@@ -362,9 +414,14 @@ def main():
     if unknown:
         parser.error(f'unknown variants {unknown}; choose from {list(by_name)}')
 
+    files = os.path.join(args.files, f'{setup.name}-{setup.dtype}')
+    if any('load' in by_name[name].options for name in names):
+        write_checkpoints(setup, files)
+
     results = {}
     for name in names:
         variant = by_name[name]
+        variant.options = {**variant.options, 'files': files} if 'load' in variant.options else variant.options
         results[name] = variant.launch(setup, variant, args.threads) if variant.launch is not None else run_in_subprocess(setup, variant, args.threads)
         print(f'{name}: peak {gib(results[name]["peak"])}, resting {gib(results[name]["before"])}', file = sys.stderr, flush = True)  # progress, on long runs
 
@@ -395,9 +452,25 @@ def main():
         print(f'| {name} | {gib(row["peak"])} | {versus_limit} | {gib(row["frozen_held"])} | {row["frozen_held"] / row["frozen"]:.2f}x | {versus_own} | '
               f'{gib(row["peak"] - row["before"])} | {gib(row["saved"])} | {versus} |')
 
+    # building and loading the models, before the first step: whole in one process against each
+    # process's part, read from the files
+    whole_load = results.get('load from files (1 process)')
+    print('\npeak during load: peak RSS from the first model built to the first step (the interpreter included); above the interpreter: less the RSS of the '
+          'interpreter with its libraries, before any model; vs whole load: / the same for loading the whole models from the files in one process\n')
+    print('| variant | peak during load | above the interpreter | vs whole load | peak vs whole load | peak during the step |')
+    print('|---|---|---|---|---|---|')
+
+    for name, row in results.items():
+        above = row['load_peak'] - row['interpreter']
+        versus_whole = f'{above / (whole_load["load_peak"] - whole_load["interpreter"]):.2f}x' if whole_load else '-'
+        versus_peak = f'{row["load_peak"] / whole_load["load_peak"]:.2f}x' if whole_load else '-'
+        print(f'| {name} | {gib(row["load_peak"])} | {gib(above)} | {versus_whole} | {versus_peak} | {gib(row["peak"])} |')
+
+    print()
+
     for name, row in results.items():
         for rank, one in enumerate(row.get('ranks', [])):
-            print(f'{name}, rank {rank}: peak {gib(one["peak"])}, resting {gib(one["before"])}, frozen held {gib(one["frozen_held"])} of {gib(one["frozen"])}, kept for backward {gib(one["saved"])}')
+            print(f'{name}, rank {rank}: peak {gib(one["peak"])}, during load {gib(one["load_peak"])}, resting {gib(one["before"])}, frozen held {gib(one["frozen_held"])} of {gib(one["frozen"])}, kept for backward {gib(one["saved"])}')
 
 if __name__ == '__main__':
     main()

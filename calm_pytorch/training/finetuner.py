@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from calm_pytorch.calm import CALM
 from calm_pytorch.composition.loss import next_token_loss
 from calm_pytorch.helpers import exists, typecheck
+from calm_pytorch.models.precision import on_meta
 from calm_pytorch.training.collate import Collator
 from calm_pytorch.training.data import MapDataset, ResumableDistributedSampler, as_kwargs, named, readable_rows, shard_stream, to_device
 from calm_pytorch.training.distributed import setup_distributed, wrap_for_ddp
 from calm_pytorch.training.fsdp import STRATEGIES, Strategy, average_gradients, shard_frozen_models
 from calm_pytorch.training.schedule import Schedule, warmup_then
+from calm_pytorch.training.sharded_loading import shard_and_load
 from calm_pytorch.training.step_checkpoints import (
     COMPOSITION_FILE,
     latest_checkpoint,
@@ -42,7 +44,10 @@ class FineTuner:
     the CALM is wrapped in DistributedDataParallel over its composition weights only, the data
     is sharded with a DistributedSampler, and only rank 0 writes checkpoints.
     strategy='fsdp' instead shards the frozen models block by block over the processes (FSDP2,
-    see training/fsdp.py); the composition weights stay whole in every process.
+    see training/fsdp.py); the composition weights stay whole in every process. With
+    `frozen_checkpoints` (one per frozen model, the anchor first: folders written by
+    `save_pretrained` or .safetensors files), the CALM is built on the meta device and each
+    process reads only its shards from the files (training/sharded_loading.py).
 
     batch_size is per process and per micro-batch: a step sees
     batch_size * grad_accum_every * world_size samples. Every token of a step weighs the same,
@@ -93,7 +98,8 @@ class FineTuner:
         find_unused_parameters: bool = False,
         progress: bool = True,
         train_anchor_params: bool = False,
-        strategy: Strategy = 'ddp'
+        strategy: Strategy = 'ddp',
+        frozen_checkpoints: Sequence[str | os.PathLike] | None = None
     ):
         positive = dict(num_train_steps = num_train_steps, batch_size = batch_size, grad_accum_every = grad_accum_every)
         positive |= {name: value for name, value in dict(eval_every = eval_every, checkpoint_every = checkpoint_every, keep_last = keep_last).items() if exists(value)}
@@ -110,6 +116,9 @@ class FineTuner:
 
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}: 'ddp' keeps a whole copy of the frozen models in every process, 'fsdp' shards them; got {strategy!r}")
+
+        if exists(frozen_checkpoints) and strategy != 'fsdp':
+            raise ValueError("frozen_checkpoints loads each process's shard of the frozen models, with strategy='fsdp'; with 'ddp' every process holds whole models: build them as usual")
 
         if resume and not exists(checkpoint_dir) and not isinstance(resume, (str, os.PathLike)):
             raise ValueError('resume=True needs a checkpoint_dir to find the latest checkpoint in (or pass the checkpoint path as resume=)')
@@ -152,10 +161,18 @@ class FineTuner:
 
         self.distributed = setup_distributed(device, backend)
         self.device = self.distributed.device
-        calm.to(self.device)
 
-        self.params = list(trainable.values())
-        self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters) if strategy == 'ddp' else shard_frozen_models(calm, self.distributed)
+        if exists(frozen_checkpoints):
+            # built on meta: sharded first, then each process reads its part of the files
+            self.model = shard_and_load(calm, frozen_checkpoints, distributed = self.distributed)
+        else:
+            if on_meta(calm):
+                raise ValueError('the CALM is on the meta device (no weights): pass frozen_checkpoints= (one per frozen model, the anchor first) with strategy=\'fsdp\' to load them, or build it over loaded models')
+
+            calm.to(self.device)
+            self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters) if strategy == 'ddp' else shard_frozen_models(calm, self.distributed)
+
+        self.params = [param for param in calm.parameters() if param.requires_grad]
 
         # AdamW; no weight decay on norms and biases (the usual practice)
 

@@ -59,18 +59,16 @@ def is_sharded(module: Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
 
-def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
-    """Shards the anchor and the augments of `calm` over the processes, in place, and makes the
-    composition weights equal to rank 0's (as DDP would). Returns `calm`; one process: unchanged."""
-
+def refuse_trained_frozen_params(calm: Module, what: str, instead: str):
     trainable = [name for model in ('anchor', 'augments') for name, param in getattr(calm, model).named_parameters(prefix = model) if param.requires_grad]
 
     if len(trainable) > 0:
         raise ValueError(
-            f"strategy='fsdp' shards frozen models only, but these of their parameters are trained: {', '.join(trainable[:5])}"
-            f"{' ...' if len(trainable) > 5 else ''}. Train them with strategy='ddp'"
+            f"{what} shards frozen models only, but these of their parameters are trained: {', '.join(trainable[:5])}"
+            f"{' ...' if len(trainable) > 5 else ''}. Train them with {instead}"
         )
 
+def refuse_quantized(calm: Module):
     # FSDP2 splits every weight into shards (aten.split and friends); a quantized weight is a tensor
     # subclass (torchao's Int8Tensor, ...) that implements only the operations of its own forward
     quantized = [
@@ -85,6 +83,13 @@ def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
             "that FSDP2 cannot split into shards. Train over quantized models with strategy='ddp' (each process holds the "
             "quantized models whole), or shard models that are not quantized"
         )
+
+def shard_frozen_models(calm: Module, distributed: Distributed) -> Module:
+    """Shards the anchor and the augments of `calm` over the processes, in place, and makes the
+    composition weights equal to rank 0's (as DDP would). Returns `calm`; one process: unchanged."""
+
+    refuse_trained_frozen_params(calm, "strategy='fsdp'", "strategy='ddp'")
+    refuse_quantized(calm)
 
     if not distributed.enabled:
         return calm

@@ -1,17 +1,20 @@
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn import Module
 from transformers import Trainer
 from transformers import __version__ as transformers_version
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from calm_pytorch.calm import CALM
 from calm_pytorch.checkpoints.pretrained import write_model_card
 from calm_pytorch.checkpoints.zero3 import any_partitioned
 from calm_pytorch.helpers import exists
+from calm_pytorch.training.fsdp import refuse_trained_frozen_params, shard_units
 from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 
 # Hugging Face Trainer and Accelerate, saving what a composition learned and nothing else.
@@ -25,6 +28,46 @@ from calm_pytorch.training.step_checkpoints import COMPOSITION_FILE
 # after the save, too late to prevent the crash), and `state_dict()` keeps its standard meaning,
 # so `CALMTrainer` overrides the three places that write or read model weights. Optimizer,
 # scheduler, RNG and trainer state stay Trainer's own files.
+#
+# Under FSDP2 (`TrainingArguments(fsdp = 'full_shard', fsdp_config = {'fsdp_version': 2})`, or
+# `accelerate launch` with an FSDP2 config) Accelerate shards the whole CALM: the blocks of the
+# frozen models are units of their own (CALMTrainer names their classes when the config does not),
+# and the rest (the composition, the models' embeddings, norms and heads) is the root unit. Trainer
+# would save the whole model at every checkpoint (`save_fsdp_model`), frozen weights included;
+# CALMTrainer writes the composition only: every process gathers the composition's parameters,
+# rank 0 writes `calm.save`. The optimizer state (of the composition only) is Accelerate's own FSDP
+# file, and a resume loads the composition into the shards (a whole tensor read as replicated,
+# each process keeping its rows). Accelerate 1.16 enables FSDP only on accelerators: on CPU it trains with DDP
+# instead, silently; CALMTrainer refuses that.
+
+def fsdp_asked(args) -> bool:
+    return bool(args.fsdp) or os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true'
+
+@contextmanager
+def gathered_composition(calm: Module):
+    """The composition's parameters whole in every process (gathered: every process must enter),
+    its shards back after. Only the composition: FSDP2's `unshard` would gather the whole root unit,
+    and its gathered tensors live in a buffer safetensors cannot read."""
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+
+    for module in calm.cross_attns.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                swapped.append((module, name, param))
+                module._parameters[name] = torch.nn.Parameter(param.full_tensor(), requires_grad = param.requires_grad)
+
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+def replicated_reads():
+    # a whole tensor copied into a sharded (DTensor) parameter is read as replicated: each process keeps its rows
+    from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication()
 
 class CALMTrainer(Trainer):
     """`transformers.Trainer` for a CALM. Training is Trainer's own; `save_model()`, the periodic
@@ -34,7 +77,45 @@ class CALMTrainer(Trainer):
     tokenizer Trainer was given), so `CALM.from_pretrained(output_dir)` loads one; and
     `train(resume_from_checkpoint = ...)` and `load_best_model_at_end` read the composition back
     with `calm.load`. `create_model_card()` (and so `push_to_hub()`) writes the composition's card,
-    with the training run."""
+    with the training run. Under FSDP2 (through Accelerate, on GPUs) the same files are written, by
+    rank 0, and read back into the shards."""
+
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        if fsdp_asked(self.args) and not self.is_fsdp_enabled:
+            raise ValueError(
+                'FSDP was asked for (TrainingArguments(fsdp=...) or ACCELERATE_USE_FSDP), but Accelerate runs '
+                f'{self.accelerator.distributed_type.value} here: it enables FSDP on accelerators only (GPUs, ...), and on CPU it would '
+                f'train with DDP, every process holding the whole frozen models. On CPU, shard the frozen models with '
+                f"FineTuner(strategy='fsdp'); or leave fsdp unset to train with DDP"
+            )
+
+        if self.is_fsdp_enabled:
+            self.prepare_fsdp()
+
+    def prepare_fsdp(self):
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin = self.accelerator.state.fsdp_plugin
+        calm = self.unwrapped_calm()
+
+        if plugin.fsdp_version != 2:
+            raise ValueError(f"CALMTrainer runs FSDP2 only, got fsdp_version {plugin.fsdp_version}: pass fsdp_config={{'fsdp_version': 2}}")
+
+        refuse_trained_frozen_params(calm, 'CALMTrainer under FSDP', "DDP (no fsdp), or FineTuner(strategy='ddp', train_anchor_params=True)")
+
+        # the units: the blocks of every frozen model, unless the config names its own
+        if plugin.transformer_cls_names_to_wrap is None and plugin.auto_wrap_policy in (None, transformer_auto_wrap_policy):
+            adapters = ((calm.anchor, calm.anchor_adapter), *zip(calm.augments, calm.augment_adapters))
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
+            plugin.transformer_cls_names_to_wrap = sorted({type(unit).__name__ for model, adapter in adapters for unit in shard_units(model, adapter)})
+
+        # an augment stopped after its deepest connected layer (by an exception) would skip FSDP's
+        # post-forward hook and stay gathered: augments run to their end (training/fsdp.py)
+        for recorder in calm.recorders:
+            recorder.stop_early = False
 
     def unwrapped_calm(self, model: Module | None = None) -> CALM:
         # DistributedDataParallel and torch.compile wrap the module they are given
@@ -46,11 +127,21 @@ class CALMTrainer(Trainer):
         return model
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        calm = self.unwrapped_calm()
+
+        if self.is_fsdp_enabled:
+            # Trainer would gather the whole model (FULL_STATE_DICT) or save nothing (SHARDED_STATE_DICT)
+            with gathered_composition(calm):
+                self._save(output_dir)
+
+            self.accelerator.wait_for_everyone()
+            return
+
         # DeepSpeed ZeRO-3 partitions every weight: Trainer would gather all of them, frozen models
         # included, or write DeepSpeed's own sharded checkpoint. `calm.save` gathers the composition
         # and fingerprints the frozen models one tensor at a time, a collective every process joins
         # (checkpoints/zero3.py); the first process writes
-        if not (self.is_deepspeed_enabled and any_partitioned(self.unwrapped_calm())):
+        if not (self.is_deepspeed_enabled and any_partitioned(calm)):
             return super().save_model(output_dir, _internal_call)
 
         output_dir = output_dir if exists(output_dir) else self.args.output_dir
@@ -58,7 +149,7 @@ class CALMTrainer(Trainer):
         if self.args.should_save:
             self._save(output_dir)
         else:
-            self.unwrapped_calm().save(Path(output_dir) / COMPOSITION_FILE)  # gathers with the others, writes nothing
+            calm.save(Path(output_dir) / COMPOSITION_FILE)  # gathers with the others, writes nothing
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         # state_dict: Trainer gathers one under FSDP / DeepSpeed; the composition is read from the model
@@ -107,10 +198,26 @@ class CALMTrainer(Trainer):
         if not path.is_file():
             raise FileNotFoundError(f'{resume_from_checkpoint} holds no {COMPOSITION_FILE}: resume from a checkpoint written by CALMTrainer')
 
-        self.unwrapped_calm(model).load(path)
+        self.load_composition(path, model)
 
     def _load_best_model(self):
-        self.unwrapped_calm().load(Path(self.state.best_model_checkpoint) / COMPOSITION_FILE)
+        self.load_composition(Path(self.state.best_model_checkpoint) / COMPOSITION_FILE)
+
+    def load_composition(self, path: Path, model: Module | None = None):
+        with replicated_reads() if self.is_fsdp_enabled else nullcontext():
+            self.unwrapped_calm(model).load(path)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str):
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+
+        # Trainer's own writes the whole sharded model too (`save_fsdp_model`): the optimizer and scheduler only
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
 # Accelerate: `accelerator.save_state` / `load_state` write each prepared model's `state_dict()`.
 # Accelerate's own extension point, a pair of pre-hooks, lets a composition be written by
