@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, default_data_collator
 
 from calm_pytorch.training.hf_trainer import CALMTrainer, gathered_composition
 
