@@ -112,6 +112,10 @@ def check_scaling(ns: dict, tmp_path: Path):
     # the frozen models stayed quantized: no Linear holds a plain float weight
     linears = [module for model in (ns['anchor'], ns['augment']) for module in model.modules() if isinstance(module, torch.nn.Linear)]
     assert len(linears) > 0 and all(type(module.weight) is not torch.nn.Parameter for module in linears)
+    # bitsandbytes: trained over an 8-bit anchor and a 4-bit augment, which stayed quantized
+    assert len(ns['bnb_history']) == 2 and all(torch.isfinite(torch.tensor(step['loss'])) for step in ns['bnb_history'])
+    assert (tmp_path / 'bnb-composition.safetensors').exists()
+    assert {type(module.weight).__name__ for model in (ns['bnb_anchor'], ns['bnb_augment']) for module in model.model.layers.modules() if isinstance(module, torch.nn.Linear)} == {'Int8Params', 'Params4bit'}
 
 def check_ecosystem(ns: dict, tmp_path: Path):
     assert 0. <= ns['results']['results']['tiny_choice']['acc,none'] <= 1.

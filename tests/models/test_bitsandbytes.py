@@ -30,7 +30,7 @@ def saved(tmp_path_factory):
     anchor_dir, augment_dir = tmp_path_factory.mktemp('anchor'), tmp_path_factory.mktemp('augment')
     llama(dim = 32).save_pretrained(anchor_dir)
     # bitsandbytes repacks 4-bit weights for CPUs with AVX512-BF16 at the first inference forward,
-    # which needs every output width a multiple of 32: here key/value heads of 32
+    # which needs every input width a multiple of 64 and every output width a multiple of 32
     llama(dim = 64, depth = 4).save_pretrained(augment_dir)
     return anchor_dir, augment_dir
 
