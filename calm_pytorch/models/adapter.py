@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,21 +260,20 @@ class ModelAdapter:
 
         state.length = min(state.length, length)
 
-    def is_causal(self, sites: Sequence[Site]) -> bool:
-        """A perturbation probe: does changing the last token change hidden states before it?"""
-
+    def perturbed_inputs(self) -> tuple[Tensor, Tensor]:
+        # three positions, and the same three with the last one changed
         tokens = self.dummy_input(seq_len = 3)
         perturbed = tokens.clone()
         perturbed[:, -1] = 1
+        return tokens, perturbed
 
-        # in eval mode: dropout would make two runs differ at every position
-        training = self.model.training
-        self.model.eval()
+    def is_causal(self, sites: Sequence[Site]) -> bool:
+        """A perturbation probe: does changing the last token change hidden states before it?"""
 
-        try:
+        tokens, perturbed = self.perturbed_inputs()
+
+        with evaluating(self.model):
             before, after = self.hiddens_at(sites, tokens), self.hiddens_at(sites, perturbed)
-        finally:
-            self.model.train(training)
 
         for key, hiddens in before.items():
             for hidden, other in zip(hiddens, after[key]):
@@ -287,24 +287,28 @@ class ModelAdapter:
         bidirectional encoder such as BERT's)? Not strict: None where the logits cannot be found
         (an output that needs a `logits_fn`), instead of that error."""
 
-        tokens = self.dummy_input(seq_len = 3)
-        perturbed = tokens.clone()
-        perturbed[:, -1] = 1
-
-        training = self.model.training
-        self.model.eval()
+        tokens, perturbed = self.perturbed_inputs()
 
         try:
-            with torch.no_grad():
+            with evaluating(self.model), torch.no_grad():
                 before, after = (self.logits(self(inputs)) for inputs in (tokens, perturbed))
         except TypeError:
             if strict:
                 raise
             return None
-        finally:
-            self.model.train(training)
 
         return torch.allclose(before[:, :-1].float(), after[:, :-1].float(), atol = 1e-5, rtol = 1e-4)
+
+@contextmanager
+def evaluating(model: Module):
+    # the causality probes run in eval mode: dropout would make two runs differ at every position
+    training = model.training
+    model.eval()
+
+    try:
+        yield
+    finally:
+        model.train(training)
 
 @dataclass
 class DecodeState:
