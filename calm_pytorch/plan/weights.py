@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -12,9 +13,29 @@ from torch.nn import Linear, Module
 
 Quantization = Literal['int8', '4bit']
 
-# torchao's Int8WeightOnlyConfig: an int8 weight, and per output channel a float32 scale and an
-# int8 zero point (measured: tests/plan/test_plan.py)
-INT8_PER_CHANNEL = 4 + 1
+@functools.cache
+def int8_per_channel() -> int:
+    """Bytes per output channel besides the int8 weight, as the installed torchao's
+    Int8WeightOnlyConfig lays them out: measured on a small Linear, since its layout changed
+    across releases (0.18: a float32 scale and an int8 zero point; 0.17: the zero point in int64).
+    Without torchao, the 0.18 layout."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return 4 + 1
+
+    rows, columns = 32, 64
+    module = torch.nn.Sequential(Linear(columns, rows, bias = False))
+    quantize_(module, Int8WeightOnlyConfig())
+    return (subclass_bytes(module[0].weight) - rows * columns) // rows
+
+def subclass_bytes(tensor: Tensor) -> int:
+    # the plain tensors a tensor subclass is made of (`__tensor_flatten__`), nested or not
+    if not hasattr(tensor, '__tensor_flatten__'):
+        return tensor.numel() * tensor.element_size()
+
+    names, _ = tensor.__tensor_flatten__()
+    return sum(subclass_bytes(getattr(tensor, name)) for name in names)
 
 # bitsandbytes NF4 with double quantization (the QLoRA setting of docs/scaling.md): 4 bits per
 # weight, an 8-bit absmax per block of 64 and a float32 absmax per 256 of those blocks
@@ -46,7 +67,7 @@ def quantized_linears(model: Module, quantization: Quantization | None) -> list[
 
 def quantized_bytes(linear: Linear, quantization: Quantization) -> int:
     if quantization == 'int8':
-        return linear.weight.numel() + linear.out_features * INT8_PER_CHANNEL
+        return linear.weight.numel() + linear.out_features * int8_per_channel()
 
     return math.ceil(linear.weight.numel() * NF4_PER_WEIGHT)
 
