@@ -34,10 +34,9 @@ def new_cache(config: Any, rollback: bool) -> Any:
     from transformers import DynamicCache
 
     # with the config, sliding-window layers get their own (bounded) cache layers
-    takes_config = 'config' in inspect.signature(DynamicCache.__init__).parameters
-    cache = DynamicCache(config = config) if takes_config else DynamicCache()
+    cache = DynamicCache(config = config)
 
-    if rollback and hasattr(cache, 'activate_past_recording'):
+    if rollback:
         # sliding-window layers keep what `crop` may roll back to
         cache.activate_past_recording()
 
