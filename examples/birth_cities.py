@@ -72,6 +72,9 @@ class Config:
     batch_size: int = 16
     lr: float = 1e-3
     max_grad_norm: float = 1.0
+    # bfloat16 autocast in the composition's and LoRA's training and decoding: 1.75x faster per
+    # step on a CPU with AMX (the anchor's weights stay float32; so do the single models' rows)
+    autocast: bool = True
     # decoding: every answer is at most 4 tokens
     max_new_tokens: int = 6
     eval_batch_size: int = 32
@@ -215,6 +218,9 @@ def answer_loss(logits: Tensor, batch: Batch) -> Tensor:
 
 def keep(batch: Batch) -> int:
     return int(batch.labelled.sum(dim = -1).max()) + 1
+
+def autocast(model: nn.Module, config: Config):
+    return torch.autocast(next(model.parameters()).device.type, dtype = torch.bfloat16, enabled = config.autocast)
 
 # training
 
@@ -403,13 +409,18 @@ def calm_system(anchor, tokenizer, augment: nn.Module, batches, sets, config: Co
         else:
             started = time.time(), time.process_time()
             calm.train()
-            loss_fn = lambda batch: answer_loss(calm(batch.seq, mask = batch.mask, return_loss = False, logits_to_keep = keep(batch)), batch)
+            def loss_fn(batch: Batch) -> Tensor:
+                with autocast(anchor, config):
+                    logits = calm(batch.seq, mask = batch.mask, return_loss = False, logits_to_keep = keep(batch))
+                return answer_loss(logits.float(), batch)
+
             info['losses'] = train(loss_fn, [param for param in calm.parameters() if param.requires_grad], batches, steps = config.steps, lr = config.lr, max_grad_norm = config.max_grad_norm, desc = desc)
             info['train_seconds'] = [time.time() - started[0], time.process_time() - started[1]]
             calm.save(path)
 
         calm.eval()
-        return {**scores(lambda prompts: answer_calm(calm, tokenizer, prompts, config), sets), 'info': info}
+        with autocast(anchor, config):
+            return {**scores(lambda prompts: answer_calm(calm, tokenizer, prompts, config), sets), 'info': info}
     finally:
         # the anchor is shared by every system: it leaves each composition plain again
         calm.remove_hooks()
@@ -438,7 +449,11 @@ def lora_system(target_params: int, batches, sets, config: Config, seed: int, pa
     else:
         started = time.time(), time.process_time()
         model.train()
-        loss_fn = lambda batch: answer_loss(model(input_ids = batch.seq, attention_mask = batch.mask.long(), logits_to_keep = keep(batch)).logits, batch)
+        def loss_fn(batch: Batch) -> Tensor:
+            with autocast(model, config):
+                logits = model(input_ids = batch.seq, attention_mask = batch.mask.long(), logits_to_keep = keep(batch)).logits
+            return answer_loss(logits.float(), batch)
+
         info['losses'] = train(loss_fn, list(trainable.values()), batches, steps = config.steps, lr = config.lr, max_grad_norm = config.max_grad_norm, desc = f'anchor + LoRA (rank {rank})')
         info['train_seconds'] = [time.time() - started[0], time.process_time() - started[1]]
         tmp = path.with_suffix('.tmp')
@@ -446,7 +461,8 @@ def lora_system(target_params: int, batches, sets, config: Config, seed: int, pa
         os.replace(tmp, path)
 
     model.eval()
-    return {**scores(lambda prompts: answer_hf(model, tokenizer, prompts, config, newline_ids(tokenizer)), sets), 'info': info}
+    with autocast(model, config):
+        return {**scores(lambda prompts: answer_hf(model, tokenizer, prompts, config, newline_ids(tokenizer)), sets), 'info': info}
 
 # the run
 

@@ -8,8 +8,9 @@ from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.inputs import check_tokens, per_augment
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
+from calm_pytorch.models.adapter import DecodeState
 from calm_pytorch.models.precision import to_model
-from calm_pytorch.text.alignment import align
+from calm_pytorch.text.alignment import Alignment, align
 
 # running the augments: each reads its prompt (context mode) or the anchor's tokens (aligned mode),
 # frozen and without gradients, and what its connected layers recorded becomes the context the
@@ -152,9 +153,16 @@ def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Ten
 def text_aligned_context(calm: Composition, index: int, seq: Tensor, mask: Tensor | None) -> AugmentContext:
     """Runs augment `index` on its own tokenization of the text of `seq` (the rule: text/alignment.py)."""
 
-    adapter, recorder = calm.augment_adapters[index], calm.recorders[index]
     alignment = align(seq, mask, calm.anchor_text, calm.augment_texts[index])
+    hiddens = read_alignment(calm, index, alignment)
+    hiddens = {key: rearrange(hidden, '(b r) m d -> b (r m) d', r = alignment.runs) for key, hidden in hiddens.items()}
+    return AugmentContext(hiddens, None, causal = False, visible = alignment.visible)
 
+def read_alignment(calm: Composition, index: int, alignment: Alignment, state: DecodeState | None = None) -> dict:
+    """The augment's hidden states (b * r, m, d) of every run of an alignment; with a decode
+    state, its cache keeps the runs (generation's first step, generation/text_stream.py)."""
+
+    adapter, recorder = calm.augment_adapters[index], calm.recorders[index]
     adapter.check_length(alignment.ids, f'the augment tokenization of `seq` (augment {index})')
     adapter.check_token_ids(alignment.ids, f'the augment tokenization of `seq` (augment {index}; is its tokenizer the one of its model?)')
     inputs = to_model(alignment.ids, adapter.model, 'seq')
@@ -164,11 +172,10 @@ def text_aligned_context(calm: Composition, index: int, seq: Tensor, mask: Tenso
     model_mask = inputs_mask if inputs.shape[0] > 0 else None
 
     with torch.no_grad():
-        hiddens = recorder(lambda: adapter(inputs, model_mask), inputs.shape[-1])
+        run = (lambda: adapter.decode(inputs, inputs_mask, state)) if exists(state) else (lambda: adapter(inputs, model_mask))
+        hiddens = recorder(run, inputs.shape[-1])
 
-    hiddens = clean_context(hiddens, inputs_mask, f'augment {index}')
-    hiddens = {key: rearrange(hidden, '(b r) m d -> b (r m) d', r = alignment.runs) for key, hidden in hiddens.items()}
-    return AugmentContext(hiddens, None, causal = False, visible = alignment.visible)
+    return clean_context(hiddens, inputs_mask, f'augment {index}')
 
 def clean_context(hiddens: dict, mask: Tensor | None, what: str) -> dict:
     """Zeroes the padded positions of recorded hidden states (masked keys are never attended to,

@@ -15,7 +15,7 @@ from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import KVBuffer
 from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.generation.sampling import sample
-from calm_pytorch.generation.text_stream import TextStream
+from calm_pytorch.generation.text_stream import text_stream
 from calm_pytorch.helpers import exists
 from calm_pytorch.models.adapter import DecodeState, ModelAdapter
 
@@ -90,7 +90,7 @@ class ComposedDecoder:
 
         # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
         self.streams = [
-            TextStream(calm, index, tokens.shape[0], self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
+            text_stream(calm, index, tokens.shape[0], self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
             for index, aligned in enumerate(self.aligned)
         ]
 
@@ -127,11 +127,12 @@ class ComposedDecoder:
             return augment_context(calm, index, tokens, mask, self.prompts[index], self.prompt_masks[index])
 
         if exists(calm.augment_texts[index]):
-            # the prompt (or every step, without cache) is read as by the forward
-            if exists(self.streams[index]) and self.anchor_state.length > 0:
-                return self.streams[index].context(tokens, mask)
+            # without cache, every step reads as the forward does
+            stream = self.streams[index]
+            if not exists(stream):
+                return augment_context(calm, index, tokens, mask, None, None)
 
-            return augment_context(calm, index, tokens, mask, None, None)
+            return stream.context(tokens, mask) if self.anchor_state.length > 0 else stream.first(tokens, mask)
 
         adapter, recorder, state = calm.augment_adapters[index], calm.recorders[index], self.augment_states[index]
 

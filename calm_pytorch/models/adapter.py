@@ -246,6 +246,13 @@ class ModelAdapter:
         """None for a model that decodes incrementally, else the reason it recomputes."""
         return None if self.can_cache else 'calm_pytorch knows no cache interface of a custom module, so it calls it on the whole sequence'
 
+    @property
+    def decodes_with_gaps(self) -> bool:
+        """Whether `decode` gives every real token the result it would have alone when the mask
+        has masked positions anywhere, between real tokens too (several rows of text, each
+        re-tokenized at its own places, then share one cache: generation/text_stream.py)."""
+        return False
+
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         """tokens: (b, n) the sequence so far, left-padded; mask: (b, n) True for real tokens.
         state:  None recomputes the whole sequence; a DecodeState is updated in place (even when

@@ -42,6 +42,12 @@ def new_cache(config: Any, rollback: bool) -> Any:
 
     return cache
 
+def attends_to_all_earlier(config: Any) -> bool:
+    kinds = getattr(config, 'layer_types', None) or getattr(config, 'attention_layers', None) or ()
+    windowed = getattr(config, 'sliding_window', None) is not None and getattr(config, 'use_sliding_window', True)
+    chunked = getattr(config, 'attention_chunk_size', None) is not None
+    return not windowed and not chunked and all(kind in ('full_attention', 'global') for kind in kinds)
+
 def image_input_shape(config: Any) -> tuple[int, ...] | None:
     size = getattr(config, 'image_size', None)
     channels = getattr(config, 'num_channels', 3)
@@ -199,6 +205,13 @@ class HFAdapter(ModelAdapter):
     @property
     def why_no_cache(self) -> str | None:
         return self.no_cache_reason
+
+    @property
+    def decodes_with_gaps(self) -> bool:
+        # positions count the real tokens of the mask, and every layer attends to all earlier
+        # positions: a masked one anywhere is then skipped. A window (sliding, local, chunked)
+        # counts cache slots instead of tokens, so it would see fewer tokens across a gap
+        return self.can_cache and 'position_ids' in forward_params(self.model) and attends_to_all_earlier(text_config(self.model))
 
     def crop(self, state: DecodeState, length: int):
         if not exists(state.cache) or length == 0:

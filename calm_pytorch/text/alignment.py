@@ -40,6 +40,7 @@ class Alignment:
     mask: Tensor      # (b * r, m) True for the positions the augment reads
     visible: Tensor   # (b, n, r * m) anchor position i may attend to augment key j
     runs: int
+    texts: list[list[int]]  # per row, the augment tokens of the whole committed text (its first run)
 
 def real_rows(seq: Tensor, mask: Tensor | None) -> tuple[list[list[int]], list[list[int]]]:
     # per row: the real anchor tokens, and for each position how many of them it has read
@@ -72,11 +73,12 @@ def align(seq: Tensor, mask: Tensor | None, anchor: AnchorText, augment: Augment
     b, n = seq.shape
     reals, counts = real_rows(seq, mask)
 
-    runs_per_row, spans_per_row = [], []
+    runs_per_row, spans_per_row, texts = [], [], []
 
     for real, row_counts in zip(reals, counts):
         tokens = augment_tokens_of_prefixes(real, row_counts, anchor, augment)
         full = tokens[row_counts[-1]]
+        texts.append(full)
         runs, spans = [full], []  # spans: per anchor position, (run, number of visible tokens)
 
         for count in row_counts:
@@ -119,7 +121,8 @@ def align(seq: Tensor, mask: Tensor | None, anchor: AnchorText, augment: Augment
         ids = rearrange(ids, 'b r m -> (b r) m').to(seq.device),
         mask = rearrange(read, 'b r m -> (b r) m').to(seq.device),
         visible = rearrange(visible, 'b n r m -> b n (r m)').to(seq.device),
-        runs = r
+        runs = r,
+        texts = texts
     )
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

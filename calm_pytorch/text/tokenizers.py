@@ -17,11 +17,21 @@ class AnchorText:
         if not callable(getattr(tokenizer, 'decode', None)):
             raise TypeError(f'`anchor_tokenizer` must offer `decode(ids) -> str` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
 
+        self.backend = fast_backend(tokenizer)
+
+    def __setstate__(self, state: dict):
+        # pickled before `backend` existed
+        self.__dict__.update(state)
+        self.__dict__.setdefault('backend', fast_backend(self.tokenizer))
+
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         tokenizer = self.tokenizer
 
         if len(sequences) == 0:
             return []
+
+        if exists(self.backend):
+            return self.backend.decode_batch(sequences, skip_special_tokens = True)
 
         if callable(getattr(tokenizer, 'batch_decode', None)):
             # transformers: no clean-up, which would rewrite " ." as "." depending on what follows
@@ -76,6 +86,22 @@ class AugmentText:
             return [list(self.tokenizer.encode(text)) for text in texts]
 
         return [self.prefix + ids for ids in self.raw_encode(texts, False)]
+
+def fast_backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that decodes through it
+    unchanged (no clean-up asked, `_decode` not overridden), else None. Generation decodes every
+    row at every step: transformers' `batch_decode` first converts each row's ids, a third of
+    that work."""
+
+    if not type(tokenizer).__module__.startswith('transformers.'):
+        return None
+
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, PreTrainedTokenizerFast) and type(tokenizer)._decode is PreTrainedTokenizerFast._decode:
+        return tokenizer.backend_tokenizer
+
+    return None
 
 def without_padding_or_truncation(tokenizer: Any) -> Any:
     if getattr(tokenizer, 'padding', None) is None and getattr(tokenizer, 'truncation', None) is None:

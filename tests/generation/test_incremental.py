@@ -100,14 +100,33 @@ def test_across_tokenizers_the_augment_reads_only_newly_committed_tokens():
         return calm.augment_texts[0].encode_batch([committed_text(byte_bpe().decode(ids))])[0]
 
     # the first step reads the prompt as the forward does (each position its own committed
-    # prefix); from then on the augment's cache is filled once with the committed text and
-    # extended one new token per call. The last sampled token is never read
+    # prefix) and keeps it in the augment's cache; from then on one new token per call, so that
+    # every token of the final committed text is read once. The last sampled token is never read
     final = committed_ids(torch.cat((prompt, cached), dim = -1)[0, :-1])
     assert augment_reads[0] == len(committed_ids(prompt[0]))
-    assert sum(augment_reads[1:]) == len(final)
-    assert all(read == 1 for read in augment_reads[2:])
+    assert sum(augment_reads) == len(final)
+    assert all(read == 1 for read in augment_reads[1:])
 
     assert torch.equal(cached, calm.generate(prompt, max_new_tokens = 12, use_cache = False, **GREEDY))
+
+def test_across_tokenizers_one_augment_call_a_step_reads_the_new_tokens_of_every_row():
+    calm, anchor, augment = text_composition('llama')
+    texts = ('the cat sat on the mat and then', 'a dog ran', 'then they went to the river and saw')
+    rows = [torch.tensor(byte_bpe()(text)['input_ids']) for text in texts]  # left-padded to one batch
+    shapes = []
+    augment.get_input_embeddings().register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+
+    cached = calm.generate(rows, max_new_tokens = 12, **GREEDY)
+
+    # the prompts in one call, then at most one call a step for all rows (none when no row
+    # committed a new token), as wide as the most new tokens of a row
+    assert shapes[0][0] == len(rows)
+    assert 1 <= len(shapes) - 1 <= 11 and all(shape[0] == len(rows) for shape in shapes[1:])
+
+    # the same tokens as recomputing everything, and as each row generated alone
+    assert torch.equal(cached, calm.generate(rows, max_new_tokens = 12, use_cache = False, **GREEDY))
+    for row, prompt in enumerate(rows):
+        assert torch.equal(cached[row], calm.generate(prompt[None], max_new_tokens = 12, **GREEDY)[0])
 
 class NoCacheLlama(transformers.LlamaForCausalLM):
     # a transformers model whose forward takes no cache

@@ -8,6 +8,7 @@ from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 
 from calm_pytorch import CALM, AugmentParams
+from calm_pytorch.text.tokenizers import AnchorText
 
 # aligned mode across tokenizers encodes every prefix of a row in one batch: a tokenizer that pads
 # (to the longest text of that batch, or to a fixed length) or truncates, as a `tokenizers.Tokenizer`
@@ -74,3 +75,21 @@ def test_later_text_does_not_reach_earlier_positions_through_padding(setting):
         short_logits, long_logits = (calm(seq, return_loss = False) for seq in (short, long))
 
     assert torch.allclose(long_logits[:, :kept], short_logits, atol = 1e-5)  # shapes differ: equal up to float order
+
+@pytest.mark.parametrize('make', (byte_bpe, wordpiece), ids = ('byte_bpe', 'wordpiece'))
+def test_the_anchor_text_of_a_fast_tokenizer_is_its_batch_decode(make):
+    tokenizer = make()
+    rows = [tokenizer('the cat sat on the mat')['input_ids'], [tokenizer.pad_token_id] + tokenizer('then, they went')['input_ids'], []]
+    expected = tokenizer.batch_decode(rows, skip_special_tokens = True, clean_up_tokenization_spaces = False)
+
+    # generation decodes every row each step: straight through the `tokenizers.Tokenizer`
+    fast = AnchorText(tokenizer)
+    assert fast.backend is tokenizer.backend_tokenizer and fast.decode_batch(rows) == expected
+
+    # a tokenizer whose `_decode` does more is decoded through transformers
+    class Cleaning(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    cleaning = AnchorText(Cleaning(tokenizer_object = tokenizer.backend_tokenizer))
+    assert cleaning.backend is None and cleaning.decode_batch(rows) == [text.upper() for text in expected]
