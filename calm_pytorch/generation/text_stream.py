@@ -85,11 +85,6 @@ class TextStream:
     def check_ids(self, ids: Tensor):
         self.adapter.check_token_ids(ids, f'the augment tokenization of the generated text (augment {self.index})')
 
-    def write(self, row: int, start: int, hiddens: dict, count: int):
-        # hiddens (1, >= count, d): the first `count` positions are the row's tokens from `start` on
-        for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
-            self.kv[block].write(row, start, *block.project_context(hiddens[key][:, :count]))
-
 class SharedStream(TextStream):
     """One augment cache for the whole batch (see the top of this file)."""
 
@@ -154,9 +149,12 @@ class SharedStream(TextStream):
         self.ids, self.real = torch.cat((self.ids, ids), dim = -1), torch.cat((self.real, real.to(ids.device)), dim = -1)
         hiddens = self.calm.recorders[self.index](lambda: self.adapter.decode(self.ids, self.real, self.state), width)
 
-        for row, (tokens, keep) in enumerate(zip(new, keeps)):
-            if tokens:
-                self.write(row, keep, {key: hidden[row:row + 1] for key, hidden in hiddens.items()}, len(tokens))
+        # projected once for the batch, then written row by row
+        for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
+            k, v = block.project_context(hiddens[key])
+            for row, (tokens, keep) in enumerate(zip(new, keeps)):
+                if tokens:
+                    self.kv[block].write(row, keep, k[row:row + 1, :, :len(tokens)], v[row:row + 1, :, :len(tokens)])
 
 class RowStreams(TextStream):
     """A cache per row, each row decoded alone (see the top of this file)."""
@@ -182,6 +180,11 @@ class RowStreams(TextStream):
 
             if len(target) > keep:
                 self.extend(row, target, keep)
+
+    def write(self, row: int, start: int, hiddens: dict, count: int):
+        # hiddens (1, >= count, d): the first `count` positions are the row's tokens from `start` on
+        for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
+            self.kv[block].write(row, start, *block.project_context(hiddens[key][:, :count]))
 
     def extend(self, row: int, target: list[int], keep: int):
         adapter, recorder, state = self.adapter, self.calm.recorders[self.index], self.states[row]
