@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from hf_models import ENCODERS, TOKENS, VOCAB, gpt2, llama
+from hf_models import DECODERS, ENCODERS, TOKENS, VOCAB, gpt2, llama
 from text_tokenizers import byte_bpe, wordpiece
 from torch import nn
 
@@ -109,9 +109,10 @@ def test_across_tokenizers_the_augment_reads_only_newly_committed_tokens():
 
     assert torch.equal(cached, calm.generate(prompt, max_new_tokens = 12, use_cache = False, **GREEDY))
 
-def test_across_tokenizers_one_augment_call_a_step_reads_the_new_tokens_of_every_row():
+# the second batch starts with rows that have committed no text: their slots are all gaps
+@pytest.mark.parametrize('texts', (('the cat sat on the mat and then', 'a dog ran', 'then they went to the river and saw'), ('then', 'the', 'a dog ran')), ids = ('texts', 'empty_rows'))
+def test_across_tokenizers_one_augment_call_a_step_reads_the_new_tokens_of_every_row(texts):
     calm, anchor, augment = text_composition('llama')
-    texts = ('the cat sat on the mat and then', 'a dog ran', 'then they went to the river and saw')
     rows = [torch.tensor(byte_bpe()(text)['input_ids']) for text in texts]  # left-padded to one batch
     shapes = []
     augment.get_input_embeddings().register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
@@ -127,6 +128,17 @@ def test_across_tokenizers_one_augment_call_a_step_reads_the_new_tokens_of_every
     assert torch.equal(cached, calm.generate(rows, max_new_tokens = 12, use_cache = False, **GREEDY))
     for row, prompt in enumerate(rows):
         assert torch.equal(cached[row], calm.generate(prompt[None], max_new_tokens = 12, **GREEDY)[0])
+
+def test_rows_share_one_augment_cache_only_where_windows_cannot_miscount_a_gap():
+    # a window counts cache slots, so across a masked gap it would see fewer tokens than alone;
+    # a model that takes no position ids may count them by slot too
+    per_row = {'mistral', 'gpt_neo', 'bloom'}  # a sliding window of 4096; local attention layers; no position ids
+    for name, family in DECODERS.items():
+        calm = CALM(llama(depth = 2), AugmentParams(model = family.build(), connect_every_num_layers = 1), attn_kwargs = ATTN)
+        assert calm.augment_adapters[0].decodes_with_gaps == (name not in per_row), name
+
+    calm = CALM(llama(depth = 2), AugmentParams(model = gemma3(), connect_every_num_layers = 1), attn_kwargs = ATTN)
+    assert not calm.augment_adapters[0].decodes_with_gaps
 
 class NoCacheLlama(transformers.LlamaForCausalLM):
     # a transformers model whose forward takes no cache
