@@ -10,7 +10,7 @@ from calm_pytorch.generation.kv_buffers import RowKeysValues
 from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.models.adapter import DecodeState
 from calm_pytorch.models.precision import to_model
-from calm_pytorch.text.alignment import align, common_prefix_len, real_rows
+from calm_pytorch.text.alignment import align, common_prefix_len, real_tokens
 from calm_pytorch.text.commit import committed_text
 
 # cached generation with an augment aligned across tokenizers (see text/alignment.py): each new
@@ -43,8 +43,7 @@ class TextStream:
 
     def context(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
         """Every later step: the newest anchor position sees the tokens of the committed text."""
-        reals, _ = real_rows(seq, mask)
-        texts = [committed_text(text) for text in self.calm.anchor_text.decode_batch(reals)]
+        texts = [committed_text(text) for text in self.calm.anchor_text.decode_batch(real_tokens(seq, mask))]
 
         # most steps commit nothing new (the anchor is inside a word): only changed texts are encoded
         changed = [row for row, text in enumerate(texts) if text != self.texts[row]]

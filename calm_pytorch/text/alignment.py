@@ -60,6 +60,13 @@ def real_rows(seq: Tensor, mask: Tensor | None) -> tuple[list[list[int]], list[l
 
     return reals, counts
 
+def real_tokens(seq: Tensor, mask: Tensor | None) -> list[list[int]]:
+    # per row, the real anchor tokens (generation's steps need no per-position counts)
+    if not exists(mask):
+        return seq.tolist()
+
+    return [ids[real].tolist() for ids, real in zip(seq, mask.bool())]
+
 def augment_tokens_of_prefixes(real: list[int], lengths: Sequence[int], anchor: AnchorText, augment: AugmentText) -> dict[int, list[int]]:
     """For each number of real anchor tokens read: the augment tokens of the committed text."""
 
