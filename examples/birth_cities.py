@@ -612,7 +612,7 @@ def plot(results: dict, mixes: list[str], path: Path):
     bars.set_yticks(range(len(names)), [name for _, name in names], fontsize = 7)
     bars.invert_yaxis()
     bars.set_xlabel(f'exact match, % (greedy, first line; {len(results["seeds"])} seed(s), dots)')
-    bars.legend(fontsize = 7, loc = 'lower right')
+    bars.legend(fontsize = 7, loc = 'lower center', bbox_to_anchor = (0.5, 1.0), ncol = len(TASKS))  # above the bars: it covers no row
 
     colors = dict(calm = 'tab:blue', control = 'tab:red', lora = 'tab:purple')
     styles = dict(mixed = '-', no_two_hop = ':')
