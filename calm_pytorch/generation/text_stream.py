@@ -35,6 +35,7 @@ class TextStream:
         self.adapter = calm.augment_adapters[index]
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.texts: list[str | None] = [None] * batch  # the committed text of `tokens`, once read by `context`
+        self.earlier: list[list[tuple[str, list[int]]]] = [[] for _ in range(batch)]  # per row, its last texts and their tokens
         self.kv = {block: RowKeysValues(batch, block.heads, block.to_q.out_features // block.heads, block.to_kv.weight) for block in calm.cross_attns[index]}
 
     def first(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
@@ -43,13 +44,15 @@ class TextStream:
 
     def context(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
         """Every later step: the newest anchor position sees the tokens of the committed text."""
-        texts = [committed_text(text) for text in self.calm.anchor_text.decode_batch(real_tokens(seq, mask))]
+        texts = self.committed(seq, mask)
 
-        # most steps commit nothing new (the anchor is inside a word): only changed texts are encoded
+        # most steps commit nothing new (the anchor is inside a word): only changed texts are
+        # encoded, and a text that grew by words only in the words it added
         changed = [row for row, text in enumerate(texts) if text != self.texts[row]]
         targets = self.tokens[:]
-        for row, tokens in zip(changed, self.calm.augment_texts[self.index].encode_batch([texts[row] for row in changed])):
+        for row, tokens in zip(changed, self.calm.augment_texts[self.index].encode_extending([texts[row] for row in changed], [self.earlier[row] for row in changed])):
             targets[row] = tokens
+            self.earlier[row] = [*self.earlier[row][-3:], (texts[row], tokens)]
 
         keeps = [common_prefix_len(tokens, target) for tokens, target in zip(self.tokens, targets)]
 
@@ -70,8 +73,15 @@ class TextStream:
 
         kv = {block: buffer.view() for block, buffer in self.kv.items()}
         length = next(iter(kv.values()))[0].shape[-2]
+
+        if all(len(tokens) == length for tokens in self.tokens):
+            return AugmentContext({}, None, causal = False, kv = kv)  # no row has a masked slot
+
         lengths = torch.tensor([len(tokens) for tokens in self.tokens], device = seq.device)
         return AugmentContext({}, torch.arange(length, device = seq.device) < lengths[:, None], causal = False, kv = kv)
+
+    def committed(self, seq: Tensor, mask: Tensor | None) -> list[str]:
+        return [committed_text(text) for text in self.calm.anchor_text.decode_batch(real_tokens(seq, mask))]
 
     def forwards(self, targets: list[list[int]], keeps: list[int]) -> int:
         """How many augment forwards `read` runs."""
@@ -108,6 +118,8 @@ class SharedStream(TextStream):
         self.ids = to_model(alignment.ids, self.adapter.model, 'seq')
         self.real = alignment.mask.to(self.ids.device)
         self.tokens = [list(tokens) for tokens in alignment.texts]
+        self.texts = self.committed(seq, mask)
+        self.earlier = [[(text, tokens)] for text, tokens in zip(self.texts, self.tokens)]
         self.slots = [list(range(len(tokens))) for tokens in self.tokens]
         lengths = [len(tokens) for tokens in self.tokens]
 

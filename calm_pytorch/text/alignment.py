@@ -73,34 +73,44 @@ def augment_tokens_of_prefixes(real: list[int], lengths: Sequence[int], anchor: 
     lengths = sorted(set(lengths))
     texts = [committed_text(text) for text in anchor.decode_batch([real[:length] for length in lengths])]
     distinct = list(dict.fromkeys(texts))
-    encoded = dict(zip(distinct, augment.encode_batch(distinct)))
+    encoded = dict(zip(distinct, augment.encode_growing(distinct)))
     return {length: encoded[text] for length, text in zip(lengths, texts)}
+
+def row_runs(tokens: dict[int, list[int]], counts: list[int]) -> tuple[list[int], list[list[int]], list[tuple[int, int]]]:
+    # one row: the tokens of its whole committed text, the runs the augment reads (that text's
+    # first), and per anchor position the run it attends to and how many of its tokens
+    full = tokens[counts[-1]]
+    runs, spans = [full], []
+
+    for count in counts:
+        prefix = tokens[count]
+
+        if prefix == full[:len(prefix)]:
+            spans.append((0, len(prefix)))
+            continue
+
+        # the tokenizer re-tokenized across a committed piece: this position reads its own run
+        if prefix not in runs:
+            runs.append(prefix)
+
+        spans.append((runs.index(prefix), len(prefix)))
+
+    return full, runs, spans
 
 def align(seq: Tensor, mask: Tensor | None, anchor: AnchorText, augment: AugmentText) -> Alignment:
     b, n = seq.shape
     reals, counts = real_rows(seq, mask)
 
     runs_per_row, spans_per_row, texts = [], [], []
+    known = {}  # rows with the same tokens (a prompt sampled several times) are aligned once
 
     for real, row_counts in zip(reals, counts):
-        tokens = augment_tokens_of_prefixes(real, row_counts, anchor, augment)
-        full = tokens[row_counts[-1]]
+        key = (tuple(real), tuple(row_counts))
+        if key not in known:
+            known[key] = row_runs(augment_tokens_of_prefixes(real, row_counts, anchor, augment), row_counts)
+
+        full, runs, spans = known[key]
         texts.append(full)
-        runs, spans = [full], []  # spans: per anchor position, (run, number of visible tokens)
-
-        for count in row_counts:
-            prefix = tokens[count]
-
-            if prefix == full[:len(prefix)]:
-                spans.append((0, len(prefix)))
-                continue
-
-            # the tokenizer re-tokenized across a committed piece: this position reads its own run
-            if prefix not in runs:
-                runs.append(prefix)
-
-            spans.append((runs.index(prefix), len(prefix)))
-
         runs_per_row.append(runs)
         spans_per_row.append(spans)
 
@@ -121,8 +131,8 @@ def align(seq: Tensor, mask: Tensor | None, anchor: AnchorText, augment: Augment
             ids[row, index, :len(run)] = torch.tensor(run, dtype = torch.long)
             read[row, index, :max(len(run), 1)] = True
 
-        for position, (index, length) in enumerate(spans):
-            visible[row, position, index, :length] = True
+        index, length = torch.tensor(spans, dtype = torch.long).reshape(-1, 2).unbind(dim = -1)
+        visible[row] = (torch.arange(r)[:, None] == index[:, None, None]) & (torch.arange(m) < length[:, None, None])
 
     return Alignment(
         ids = rearrange(ids, 'b r m -> (b r) m').to(seq.device),

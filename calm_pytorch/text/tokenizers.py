@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from calm_pytorch.helpers import exists
@@ -65,6 +66,7 @@ class AugmentText:
         self.encoder = without_padding_or_truncation(tokenizer) if self.kind == 'tokenizers' else tokenizer
 
         self.prefix = self.leading_special_tokens() if self.kind != 'plain' else []
+        self.splits_at_spaces = self.kind != 'plain' and splits_at_spaces(tokenizer)
 
     def raw_encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if len(texts) == 0:
@@ -87,6 +89,38 @@ class AugmentText:
 
         return [self.prefix + ids for ids in self.raw_encode(texts, False)]
 
+    def extends(self, before: str, text: str) -> bool:
+        """Whether the tokens of `text` are those of `before` followed by those of the rest alone:
+        `text` is `before` (ending in a non-space) and then a space, and the tokenizer splits at
+        spaces (see `splits_at_spaces`)."""
+        return self.splits_at_spaces and before[-1:].strip() != '' and text.startswith(before) and text[len(before):len(before) + 1] == ' '
+
+    def encode_extending(self, texts: list[str], befores: list[list[tuple[str, list[int]]]]) -> list[list[int]]:
+        """`encode_batch`, where each text comes with earlier texts and their tokens: a text that
+        extends one of them (see `extends`; the longest is taken) encodes only what it adds.
+        Generation's texts grow word by word, so a step encodes a word instead of the whole text."""
+
+        bases = [max((before for before in candidates if self.extends(before[0], text)), key = lambda before: len(before[0]), default = None) for text, candidates in zip(texts, befores)]
+        full = iter(self.encode_batch([text for text, base in zip(texts, bases) if not exists(base)]))
+        added = iter(self.raw_encode([text[len(base[0]):] for text, base in zip(texts, bases) if exists(base)], False))
+        return [base[1] + next(added) if exists(base) else next(full) for base in bases]
+
+    def encode_growing(self, texts: list[str], reach: int = 8) -> list[list[int]]:
+        """`encode_batch` of texts that mostly extend one another (the committed texts of a prompt's
+        prefixes, shortest first): each encodes what it adds to the longest of the `reach` texts
+        before it that it extends, so the work is linear in the text where the tokenizer splits at
+        spaces (a word followed by punctuation extends the text before the word)."""
+
+        bases = [next((base for base in range(index - 1, max(index - reach, 0) - 1, -1) if self.extends(texts[base], text)), None) for index, text in enumerate(texts)]
+        full = iter(self.encode_batch([text for text, base in zip(texts, bases) if not exists(base)]))
+        added = iter(self.raw_encode([text[len(texts[base]):] for text, base in zip(texts, bases) if exists(base)], False))
+
+        encoded = []
+        for base in bases:
+            encoded.append(encoded[base] + next(added) if exists(base) else next(full))
+
+        return encoded
+
 def fast_backend(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that decodes through it
     unchanged (no clean-up asked, `_decode` not overridden), else None. Generation decodes every
@@ -102,6 +136,76 @@ def fast_backend(tokenizer: Any) -> Any:
         return tokenizer.backend_tokenizer
 
     return None
+
+# what a tokenizer may do and still split at spaces (see `splits_at_spaces`): normalizers that
+# never turn a non-space into a space (checked over every code point for the Unicode forms),
+# pre-tokenizers that split at spaces or decide each split from the characters beside it, and
+# models that read one piece at a time
+LOCAL_NORMALIZERS = {'NFC', 'NFD', 'NFKC', 'NFKD', 'Lowercase', 'StripAccents'}
+DROPPING_PRE_TOKENIZERS = {'BertPreTokenizer', 'Whitespace', 'WhitespaceSplit'}  # leave no whitespace in any piece
+LOCAL_PRE_TOKENIZERS = {'Digits', 'Punctuation'}
+PIECEWISE_MODELS = {'BPE', 'WordPiece', 'WordLevel', 'Unigram'}
+
+def splits_at_spaces(tokenizer: Any) -> bool:
+    """Whether the tokenizer tokenizes `a + ' ' + b`, for `a` ending in a non-space, as the tokens
+    of `a` followed by those of `' ' + b` alone. True for a `tokenizers` pipeline (or a transformers
+    tokenizer that encodes through one unchanged) that splits the text at spaces before its model
+    reads it (GPT-2's byte-level regular expression, BERT's pre-tokenizer, whitespace,
+    SentencePiece's metaspace with `split`) and where nothing looks across that split: no regular
+    expression of the tokenizer's own, no added token with a space or `rstrip`, no normalizer that
+    may write a space (`Replace`, `Precompiled`, BERT's spaces around Chinese characters unless the
+    pre-tokenizer drops them), and no prefix for a text that starts with a space. Anything else is
+    encoded whole (Llama 3's and Qwen's expressions join punctuation to a following newline)."""
+
+    backend = tokenizer
+
+    if type(tokenizer).__module__.startswith('transformers.'):
+        from transformers import PreTrainedTokenizerFast
+
+        methods = ('__call__', '_encode_plus', '_batch_encode_plus')
+        if not isinstance(tokenizer, PreTrainedTokenizerFast) or any(getattr(type(tokenizer), name, None) is not getattr(PreTrainedTokenizerFast, name, None) for name in methods):
+            return False
+
+        backend = tokenizer.backend_tokenizer
+
+    if not callable(getattr(backend, 'to_str', None)):
+        return False
+
+    pipeline = json.loads(backend.to_str())
+
+    def parts(component: dict | None, key: str) -> list[dict]:
+        if not exists(component):
+            return []
+        return [part for member in component[key] for part in parts(member, key)] if component['type'] == 'Sequence' else [component]
+
+    normalizers = parts(pipeline.get('normalizer'), 'normalizers')
+    pre_tokenizers = parts(pipeline.get('pre_tokenizer'), 'pretokenizers')
+    model = pipeline.get('model') or {}
+    drops_spaces = len(pre_tokenizers) > 0 and pre_tokenizers[0]['type'] in DROPPING_PRE_TOKENIZERS
+
+    def local_normalizer(part: dict) -> bool:
+        if part['type'] == 'BertNormalizer':
+            return not part.get('handle_chinese_chars') or drops_spaces
+        return part['type'] in LOCAL_NORMALIZERS
+
+    def splitting(part: dict) -> bool:
+        if part['type'] == 'ByteLevel':
+            return part.get('use_regex', True)
+        if part['type'] == 'Metaspace':
+            return part.get('split', True)
+        return part['type'] in DROPPING_PRE_TOKENIZERS
+
+    def local_pre_tokenizer(part: dict) -> bool:
+        return splitting(part) or part['type'] in LOCAL_PRE_TOKENIZERS or part['type'] == 'ByteLevel'
+
+    added = pipeline.get('added_tokens') or []
+
+    return (
+        all(map(local_normalizer, normalizers)) and
+        any(map(splitting, pre_tokenizers)) and all(map(local_pre_tokenizer, pre_tokenizers)) and
+        model.get('type') in PIECEWISE_MODELS and not model.get('dropout') and
+        not any(token.get('rstrip') or any(char.isspace() for char in token['content']) for token in added)
+    )
 
 def without_padding_or_truncation(tokenizer: Any) -> Any:
     if getattr(tokenizer, 'padding', None) is None and getattr(tokenizer, 'truncation', None) is None:
