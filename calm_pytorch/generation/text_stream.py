@@ -137,8 +137,9 @@ class SharedStream(TextStream):
     def read(self, targets: list[list[int]], keeps: list[int]):
         # tokens a row no longer shares stay in the cache, masked from now on
         for row, keep in enumerate(keeps):
-            self.real[row, self.slots[row][keep:]] = False
-            del self.slots[row][keep:]
+            if keep < len(self.slots[row]):
+                self.real[row, self.slots[row][keep:]] = False
+                del self.slots[row][keep:]
 
         new = [target[keep:] for target, keep in zip(targets, keeps)]
         width = max(map(len, new), default = 0)
@@ -147,12 +148,10 @@ class SharedStream(TextStream):
             return
 
         start = self.ids.shape[-1]
-        ids = torch.zeros((len(new), width), dtype = torch.long)
-        real = torch.zeros((len(new), width), dtype = torch.bool)
+        ids = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens in new], dtype = torch.long)
+        real = torch.tensor([[True] * len(tokens) + [False] * (width - len(tokens)) for tokens in new])
 
         for row, tokens in enumerate(new):
-            ids[row, :len(tokens)] = torch.tensor(tokens, dtype = torch.long)
-            real[row, :len(tokens)] = True
             self.slots[row].extend(range(start, start + len(tokens)))
 
         ids = to_model(ids, self.adapter.model, 'seq')
