@@ -88,6 +88,7 @@ def main():
     parser.add_argument('--tokenizers', action = 'store_true', help = 'aligned mode with and without a cross-tokenizer augment')
     parser.add_argument('--hf', action = 'store_true', help = 'transformers models against their own generate')
     parser.add_argument('--batches', type = int, nargs = '+', default = (1, 8), help = 'batch sizes of --hf')
+    parser.add_argument('--attn', type = int, nargs = 2, default = None, metavar = ('HEADS', 'DIM_HEAD'), help = "the cross-attention's shape in --hf (default: the library's)")
     args = parser.parse_args()
 
     if args.hf:
@@ -307,14 +308,15 @@ def hf_main(args):
     text_augment = hf_llama(len(augment_tokenizer), 128, 4)
     bare_anchor, bare_augment, bare_text_augment = copied(anchor), copied(augment), copied(text_augment)
 
+    attn = dict(attn_kwargs = dict(heads = args.attn[0], dim_head = args.attn[1])) if args.attn else dict()
     calms = {
-        'context': trained_away(CALM(anchor, AugmentParams(model = augment))),
-        'aligned': trained_away(CALM(anchor, AugmentParams(model = augment))),
-        'across tokenizers': trained_away(CALM(anchor, AugmentParams(model = text_augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer)),
+        'context': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
+        'aligned': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
+        'across tokenizers': trained_away(CALM(anchor, AugmentParams(model = text_augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer, **attn)),
     }
 
     print(f'# torch {torch.__version__}, transformers {__import__("transformers").__version__}, {platform.processor() or platform.machine()}, '
-          f'{torch.get_num_threads()} thread(s), {prompt_len} prompt + {num_new} new tokens, greedy')
+          f'{torch.get_num_threads()} thread(s), {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}')
     print('| mode | batch | ratio | goal | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) |')
     print('|---|---|---|---|---|---|---|')
 
