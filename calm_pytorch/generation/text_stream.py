@@ -34,8 +34,10 @@ class TextStream:
         self.calm, self.index, self.lockstep = calm, index, lockstep
         self.adapter = calm.augment_adapters[index]
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.texts: list[str | None] = [None] * batch  # the committed text of `tokens`, once read by `context`
-        self.earlier: list[list[tuple[str, list[int]]]] = [[] for _ in range(batch)]  # per row, its last texts and their tokens
+        self.texts: list[str | None] = [None] * batch  # the committed text of `tokens`, once known
+        # per row, its last four committed texts and their tokens: a new text that extends one of
+        # them by words encodes only those words (a word then a comma extends the text before it)
+        self.earlier: list[list[tuple[str, list[int]]]] = [[] for _ in range(batch)]
         self.kv = {block: RowKeysValues(batch, block.heads, block.to_q.out_features // block.heads, block.to_kv.weight) for block in calm.cross_attns[index]}
 
     def first(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
