@@ -364,13 +364,18 @@ def scores(answer: Callable[[list[str]], list[str]], sets: dict[str, list[data.Q
         result['answers'][task] = answers
     return result
 
+def temporary(path: Path) -> Path:
+    # written there, then moved into place: processes sharing --out (a seed or a configuration
+    # each) may write the same result at once, so each writes a file of its own
+    return path.with_name(f'{path.name}.{os.getpid()}.tmp')
+
 def cached_json(path: Path, compute: Callable[[], object]):
     if path.exists():
         print(f'  loaded {path.name}')
         return json.loads(path.read_text())
 
     value = compute()
-    tmp = path.with_suffix('.tmp')
+    tmp = temporary(path)
     tmp.write_text(json.dumps(value, indent = 1, ensure_ascii = False))
     os.replace(tmp, path)
     return value
@@ -456,7 +461,7 @@ def lora_system(target_params: int, batches, sets, config: Config, seed: int, pa
 
         info['losses'] = train(loss_fn, list(trainable.values()), batches, steps = config.steps, lr = config.lr, max_grad_norm = config.max_grad_norm, desc = f'anchor + LoRA (rank {rank})')
         info['train_seconds'] = [time.time() - started[0], time.process_time() - started[1]]
-        tmp = path.with_suffix('.tmp')
+        tmp = temporary(path)
         save_file({name: param.detach().contiguous() for name, param in trainable.items()}, tmp)
         os.replace(tmp, path)
 
@@ -483,7 +488,7 @@ def load_or_train_augment(tokenizer, world: data.World, config: Config, out: Pat
     losses = train_augment(model, tokenizer, world, config)
     info = dict(losses = losses, train_seconds = [time.time() - started[0], time.process_time() - started[1]], compact_vocab = len(ids) + 1,
                 params = sum(param.numel() for param in model.parameters()), memorised = memorised(model, tokenizer, world.people))
-    tmp = path.with_suffix('.tmp')
+    tmp = temporary(path)
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     info_path.write_text(json.dumps(info))
