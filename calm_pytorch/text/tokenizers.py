@@ -66,7 +66,12 @@ class AugmentText:
         self.encoder = without_padding_or_truncation(tokenizer) if self.kind == 'tokenizers' else tokenizer
 
         self.prefix = self.leading_special_tokens() if self.kind != 'plain' else []
-        self.splits_at_spaces = self.kind != 'plain' and splits_at_spaces(tokenizer)
+        self.splits_at_spaces, self.checked_size = False, None
+        self.recheck()
+
+    def __setstate__(self, state: dict):
+        # pickled before the encoding of only what a text adds: `recheck` reads the pipeline
+        self.__dict__.update({'splits_at_spaces': False, 'checked_size': None, **state})
 
     def raw_encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if len(texts) == 0:
@@ -95,15 +100,22 @@ class AugmentText:
         spaces (see `splits_at_spaces`)."""
         return self.splits_at_spaces and before[-1:].strip() != '' and text.startswith(before) and text[len(before):len(before) + 1] == ' '
 
+    def encode_added(self, texts: list[str], bases: list[str | None]) -> list[list[int]]:
+        """Per text, the tokens of what it adds to its base (an earlier text it `extends`), or all
+        its tokens where it has none; in two batched calls."""
+        full = iter(self.encode_batch([text for text, base in zip(texts, bases) if not exists(base)]))
+        added = iter(self.raw_encode([text[len(base):] for text, base in zip(texts, bases) if exists(base)], False))
+        return [next(added) if exists(base) else next(full) for base in bases]
+
     def encode_extending(self, texts: list[str], befores: list[list[tuple[str, list[int]]]]) -> list[list[int]]:
         """`encode_batch`, where each text comes with earlier texts and their tokens: a text that
         extends one of them (see `extends`; the longest is taken) encodes only what it adds.
         Generation's texts grow word by word, so a step encodes a word instead of the whole text."""
 
+        self.recheck()
         bases = [max((before for before in candidates if self.extends(before[0], text)), key = lambda before: len(before[0]), default = None) for text, candidates in zip(texts, befores)]
-        full = iter(self.encode_batch([text for text, base in zip(texts, bases) if not exists(base)]))
-        added = iter(self.raw_encode([text[len(base[0]):] for text, base in zip(texts, bases) if exists(base)], False))
-        return [base[1] + next(added) if exists(base) else next(full) for base in bases]
+        pieces = self.encode_added(texts, [base[0] if exists(base) else None for base in bases])
+        return [base[1] + piece if exists(base) else piece for base, piece in zip(bases, pieces)]
 
     def encode_growing(self, texts: list[str], reach: int = 8) -> list[list[int]]:
         """`encode_batch` of texts that mostly extend one another (the committed texts of a prompt's
@@ -111,15 +123,28 @@ class AugmentText:
         before it that it extends, so the work is linear in the text where the tokenizer splits at
         spaces (a word followed by punctuation extends the text before the word)."""
 
+        self.recheck()
         bases = [next((base for base in range(index - 1, max(index - reach, 0) - 1, -1) if self.extends(texts[base], text)), None) for index, text in enumerate(texts)]
-        full = iter(self.encode_batch([text for text, base in zip(texts, bases) if not exists(base)]))
-        added = iter(self.raw_encode([text[len(texts[base]):] for text, base in zip(texts, bases) if exists(base)], False))
+        pieces = self.encode_added(texts, [texts[base] if exists(base) else None for base in bases])
 
         encoded = []
-        for base in bases:
-            encoded.append(encoded[base] + next(added) if exists(base) else next(full))
+        for base, piece in zip(bases, pieces):
+            encoded.append(encoded[base] + piece if exists(base) else piece)
 
         return encoded
+
+    def vocabulary_size(self) -> int | None:
+        if self.kind == 'transformers':
+            return len(self.tokenizer)
+        return self.tokenizer.get_vocab_size(with_added_tokens = True) if self.kind == 'tokenizers' else None
+
+    def recheck(self):
+        # tokens added to the tokenizer after it was read (`add_tokens`) may hold a space: read its
+        # pipeline again whenever its vocabulary has grown, rather than split where it no longer may
+        size = self.vocabulary_size()
+        if size != self.checked_size:
+            self.splits_at_spaces = self.kind != 'plain' and splits_at_spaces(self.tokenizer)
+            self.checked_size = size
 
 def fast_backend(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that decodes through it

@@ -77,6 +77,28 @@ def test_a_text_grown_by_words_encodes_only_the_words_it_added():
     assert encoded == ['a different text', ' and then', ' mat, then', ' mat.then']
     assert tokens == reader.encode_batch(texts)
 
+def test_a_token_added_later_with_a_space_is_read_before_encoding():
+    tokenizer = trained(pre_tokenizers.ByteLevel(add_prefix_space = False))
+    reader = AugmentText(tokenizer, 'tokenizer')
+    assert reader.splits_at_spaces
+
+    tokenizer.add_tokens(['the cat'])  # the user's, after the composition was built
+    before, text = 'we saw the', 'we saw the cat sat'
+
+    assert reader.encode_extending([text], [[(before, reader.encode_batch([before])[0])]]) == reader.encode_batch([text])
+    assert reader.encode_growing([before, text]) == reader.encode_batch([before, text])
+    assert not reader.splits_at_spaces
+
+def test_a_reader_pickled_before_the_rule_reads_the_pipeline_again():
+    import pickle
+
+    reader = AugmentText(byte_bpe(), 'tokenizer')
+    state = {key: value for key, value in reader.__dict__.items() if key not in ('splits_at_spaces', 'checked_size')}
+    old = AugmentText.__new__(AugmentText)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+
+    assert old.encode_growing(['the', 'the cat']) == reader.encode_batch(['the', 'the cat']) and old.splits_at_spaces
+
 def test_tokenizers_that_may_join_across_a_space_are_encoded_whole():
     llama3_expression = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
@@ -126,10 +148,21 @@ def test_generation_encodes_each_committed_word_once():
 
     text = 'the cat sat on the mat, and there the dog saw it. then they went there together'
     prompt = torch.tensor([anchor_tokenizer(text)['input_ids']])
-    new = calm.generate(prompt, max_new_tokens = 24, temperature = 0.)
+
+    # the steps write words (an untrained anchor would write bytes without spaces, each of whose
+    # commits is rightly encoded whole)
+    words = anchor_tokenizer(' and the other one stayed at home, the cat sat there')['input_ids']
+
+    def write(logits, step = [0]):
+        step[0] += 1
+        return torch.full_like(logits, float('-inf')).index_fill(-1, torch.tensor(words[step[0] - 1]), 0.)
+
+    new = calm.generate(prompt, max_new_tokens = len(words), temperature = 0., filter_fn = write)
 
     final = committed_text(anchor_tokenizer.decode(torch.cat((prompt, new), dim = -1)[0]))
     assert len(final) <= sum(map(len, encoded)) <= 2 * len(final)
 
+    # and freely generated tokens equal those recomputed at every step
     reader.raw_encode = raw_encode
-    assert torch.equal(new, calm.generate(prompt, max_new_tokens = 24, temperature = 0., use_cache = False))
+    free = calm.generate(prompt, max_new_tokens = 24, temperature = 0.)
+    assert torch.equal(free, calm.generate(prompt, max_new_tokens = 24, temperature = 0., use_cache = False))
