@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from calm_pytorch.helpers import exists
 # i - anchor (query) positions
 # j - augment (key / value) positions
 # d - feature dimension
+# c - augment width (dim_context)
 
 ATTN_KWARGS = ('heads', 'dim_head')
 
@@ -38,6 +40,21 @@ def check_attn_kwargs(attn_kwargs: dict) -> dict:
             raise ValueError(f'`attn_kwargs[{key!r}]` must be a positive int, got {value!r}')
 
     return {key: operator.index(value) for key, value in attn_kwargs.items()}
+
+class ContextMemory(NamedTuple):
+    """What decoding keeps of one augment layer for one cross-attention.
+
+    states: per augment position, tensors (b, h, j, d): its keys and values; or, with `folded`
+            weights, its normalised state alone, (b, 1, j, c)
+    folded: `CrossAttentionBlock.fold()`, computed once per generation, where decoding steps attend
+            over the normalised states (`CrossAttentionBlock.step_folded`)"""
+
+    states: tuple[Tensor, ...]
+    folded: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.states[0].shape[-2]
 
 class CrossAttentionBlock(Module):
     """Anchor hidden states attend to one augment layer's hidden states.
@@ -74,20 +91,76 @@ class CrossAttentionBlock(Module):
 
         nn.init.zeros_(self.to_out.weight)
 
-    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """(b, j, dim_context) -> keys and values (b, h, j, d); computable once per context."""
+    def fold_for(self, keys: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The folded weights (`fold`) where a decoding step over `keys` augment positions, all
+        rows together, reads fewer numbers with them, else None (decoding keeps keys and values).
+        Folded, a step reads each position's normalised state (c numbers) twice and two folded
+        matrices of dim * h * c; otherwise each position's key and value and the query and
+        output projections, all of h * d. It pays where the augment is narrower than the
+        cross-attention (c < h d) and the positions many."""
+        dim, dim_context, dim_inner = self.to_q.in_features, self.to_context.in_features, self.to_q.out_features
+        folded_reads = 2 * keys * dim_context + 2 * dim * self.heads * dim_context
+        plain_reads = 2 * keys * dim_inner + 2 * dim * dim_inner
+        return self.fold() if folded_reads < plain_reads else None
+
+    def fold(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's projections composed around the normalised augment states n (b, j, c),
+        exact in the algebra. A key is W_k f_proj(n): the score q_h . key equals
+        (W_qk x)_h . n, W_qk = (W_k,h W_c)^T W_q,h / sqrt(d), plus the keys' share of f_proj's
+        bias, one number for all the keys of a query, which the softmax ignores. The values
+        sum_j p_j W_v f_proj(n_j) = W_v W_c (sum_j p_j n_j) + W_v b_c, since the p_j add up to 1,
+        so the output is W_vo (sum_j p_j n_j) + b_o. Returns W_qk (h c, dim), W_vo (dim, h c)
+        and b_o (dim), in the block's dtype."""
+        heads = self.heads
+        w_q = rearrange(self.to_q.weight.float(), '(h d) e -> h d e', h = heads)
+        w_k, w_v = rearrange(self.to_kv.weight.float(), '(kv h d) e -> kv h d e', kv = 2, h = heads)
+        w_out = rearrange(self.to_out.weight.float(), 'e (h d) -> h e d', h = heads)
+        w_c, b_c = self.to_context.weight.float(), self.to_context.bias.float()
+
+        w_qk = (w_k @ w_c).transpose(-1, -2) @ w_q * w_q.shape[-2] ** -0.5  # (h, c, dim)
+        w_vo = w_out @ (w_v @ w_c)                                           # (h, dim, c)
+        b_o = (w_out @ (w_v @ b_c)[..., None]).sum(dim = 0)[..., 0]          # (dim,)
+
+        dtype = self.to_q.weight.dtype
+        return rearrange(w_qk, 'h c e -> (h c) e').to(dtype), rearrange(w_vo, 'h e c -> e (h c)').to(dtype), b_o.to(dtype)
+
+    def remember(self, context: Tensor, folded: tuple | None = None) -> tuple[Tensor, ...]:
+        """(b, j, c) augment hidden states -> what decoding keeps of each position: its keys and
+        values, (b, h, j, d) each; or, for `folded` weights, the normalised state, (b, 1, j, c)."""
         # the augment may run in another dtype, or on another device, than the composition
         context = context.to(device = self.to_kv.weight.device, dtype = self.to_kv.weight.dtype)
-        context = self.to_context(self.context_norm(context))
-        kv = self.to_kv(context)
-        return rearrange(kv, 'b j (kv h d) -> kv b h j d', kv = 2, h = self.heads).unbind(0)
+        context = self.context_norm(context)
+
+        if exists(folded):
+            return (rearrange(context, 'b j c -> b 1 j c'),)
+
+        return self.keys_values_of(context)
+
+    def keys_values_of(self, normalised: Tensor) -> tuple[Tensor, Tensor]:
+        """(b, j, c) normalised augment states -> keys and values (b, h, j, d)."""
+        kv = self.to_kv(self.to_context(normalised))
+        return tuple(rearrange(kv, 'b j (kv h d) -> kv b h j d', kv = 2, h = self.heads).unbind(0))
+
+    def state_shapes(self, folded: tuple | None = None) -> list[tuple[int, int]]:
+        """The (h, d) of each tensor `remember` returns."""
+        if exists(folded):
+            return [(1, self.to_context.in_features)]
+
+        return [(self.heads, self.to_q.out_features // self.heads)] * 2
+
+    def keys_values(self, memory: ContextMemory) -> tuple[Tensor, Tensor]:
+        if not exists(memory.folded):
+            return memory.states
+
+        states, = memory.states
+        return self.keys_values_of(states[:, 0])
 
     def forward(
         self,
         x: Tensor,
         context: Tensor | None = None,
         *,
-        kv: tuple[Tensor, Tensor] | None = None,
+        memory: ContextMemory | None = None,
         mask: Tensor | None = None,
         causal: bool = False,
         query_offset: int | None = None,
@@ -96,7 +169,7 @@ class CrossAttentionBlock(Module):
         """Returns the delta to add to `x`, in the dtype of `x`.
 
         x:       (b, i, dim) anchor hidden states
-        context: (b, j, dim_context) augment hidden states, or `kv` already projected
+        context: (b, j, dim_context) augment hidden states, or their `memory` (decoding)
         mask:    (b, j) True where the augment position is real (not padding)
         causal:  aligned mode; query i sits at augment position i + query_offset and sees keys up to it
         query_offset: j - i when None (the queries are the last positions); a segment of a
@@ -104,26 +177,24 @@ class CrossAttentionBlock(Module):
         visible: (b, i, j) True where query i may attend to key j, any pattern (aligned mode
                  across tokenizers); combined with `mask`, instead of `causal`
         """
-        k, v = kv if exists(kv) else self.project_context(context)
-        i, j = x.shape[-2], k.shape[-2]
-
-        q = self.to_q(self.norm(x.to(device = self.to_q.weight.device, dtype = self.to_q.weight.dtype)))
-        q = rearrange(q, 'b i (h d) -> b h i d', h = self.heads)
+        memory = memory if exists(memory) else ContextMemory(self.remember(context))
+        i, j = x.shape[-2], memory.length
+        device = self.to_q.weight.device
 
         pattern, visible = visible, None
 
         if exists(mask):
-            visible = rearrange(mask.to(device = k.device, dtype = torch.bool), 'b j -> b 1 1 j')
+            visible = rearrange(mask.to(device = device, dtype = torch.bool), 'b j -> b 1 1 j')
 
         if exists(pattern):
-            pattern = rearrange(pattern.to(device = k.device, dtype = torch.bool), 'b i j -> b 1 i j')
+            pattern = rearrange(pattern.to(device = device, dtype = torch.bool), 'b i j -> b 1 i j')
             visible = pattern if not exists(visible) else (visible & pattern)
 
         offset = query_offset if exists(query_offset) else j - i
 
         # a query at offset j - 1 or later (a decoding step) sees every key: no mask to build
         if causal and not (i == 1 and offset >= j - 1):
-            causal_visible = torch.ones((i, j), device = k.device, dtype = torch.bool).tril(offset)
+            causal_visible = rearrange(torch.ones((i, j), device = device, dtype = torch.bool).tril(offset), 'i j -> 1 1 i j')
             visible = causal_visible if not exists(visible) else (visible & causal_visible)
 
         # a query that sees no key (its context is all padding) would be NaN: it attends to
@@ -135,13 +206,41 @@ class CrossAttentionBlock(Module):
             no_key = ~visible.any(dim = -1, keepdim = True)
             visible = visible | no_key
 
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask = visible)
+        x_in = self.norm(x.to(device = device, dtype = self.to_q.weight.dtype))
+
+        # views, not einops, from here: this runs once per block per generated token, where an
+        # einops call costs about as much as one of the small matmuls
+
+        if exists(memory.folded) and i == 1:
+            delta = self.step_folded(x_in, memory, visible)
+        else:
+            batch = x_in.shape[0]
+            dim_inner = self.to_q.out_features
+            q = self.to_q(x_in).view(batch, i, self.heads, dim_inner // self.heads).transpose(1, 2)  # (b, h, i, d)
+            out = F.scaled_dot_product_attention(q, *self.keys_values(memory), attn_mask = visible)
+            delta = self.to_out(out.transpose(1, 2).reshape(batch, i, dim_inner))
 
         if exists(no_key):
-            out = out.masked_fill(no_key, 0.)
+            delta = delta.masked_fill(no_key[:, 0], 0.)  # (b, 1, i, 1) -> (b, i, 1)
 
-        out = rearrange(out, 'b h i d -> b i (h d)')
-        return self.to_out(out).to(device = x.device, dtype = x.dtype)
+        return delta.to(device = x.device, dtype = x.dtype)
+
+    def step_folded(self, x: Tensor, memory: ContextMemory, visible: Tensor | None) -> Tensor:
+        """One decoding step (x: (b, 1, dim), normalised) over the normalised augment states, with
+        the folded weights (`fold`): the delta (b, 1, dim)."""
+        w_qk, w_vo, b_o = memory.folded
+        states = memory.states[0][:, 0]  # (b, j, c)
+        batch = x.shape[0]
+
+        q = F.linear(x, w_qk).view(batch, self.heads, states.shape[-1])  # (b, h, c)
+        sim = torch.bmm(q, states.transpose(1, 2)).unsqueeze(2)          # (b, h, 1, j)
+
+        if exists(visible):
+            sim = sim.masked_fill(~visible, torch.finfo(sim.dtype).min)
+
+        attn = sim.float().softmax(dim = -1).to(states.dtype)
+        out = torch.bmm(attn.squeeze(2), states)                         # (b, h, c)
+        return F.linear(out.view(batch, 1, w_vo.shape[-1]), w_vo, b_o)
 
 class CompositionInit:
     """Mixin: re-initialising the composition weights, as a fresh CALM has them."""

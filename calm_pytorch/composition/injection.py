@@ -8,7 +8,7 @@ from functools import partial
 from torch import Tensor
 
 from calm_pytorch.composition.capture import LayerKey
-from calm_pytorch.composition.cross_attention import CrossAttentionBlock
+from calm_pytorch.composition.cross_attention import ContextMemory, CrossAttentionBlock
 from calm_pytorch.helpers import PerThread, exists
 from calm_pytorch.models.sites import Site, register_write_hook
 
@@ -18,7 +18,7 @@ class AugmentContext:
     hiddens: dict[LayerKey, Tensor]  # recorded hidden states, (b, j, dim_augment)
     mask: Tensor | None               # (b, j), True for real positions
     causal: bool                      # aligned mode: anchor position i sees augment positions <= i
-    kv: dict[CrossAttentionBlock, tuple[Tensor, Tensor]] | None = None  # keys and values already projected, per block (generation)
+    memory: dict[CrossAttentionBlock, ContextMemory] | None = None  # what decoding keeps of the context, per block
     visible: Tensor | None = None     # (b, n, j): which keys each of the forward's n positions sees (aligned across tokenizers)
 
 @dataclass
@@ -79,13 +79,13 @@ class AnchorInjector:
 
         for connection in connections:
             context = call.contexts[connection.augment_index]
-            kv = context.kv.get(connection.cross_attn) if exists(context.kv) else None
-            context_hiddens = None if exists(kv) else context.hiddens[connection.augment_key]
-            context_len = kv[0].shape[-2] if exists(kv) else context_hiddens.shape[-2]
+            memory = context.memory.get(connection.cross_attn) if exists(context.memory) else None
+            context_hiddens = None if exists(memory) else context.hiddens[connection.augment_key]
+            context_len = memory.length if exists(memory) else context_hiddens.shape[-2]
             delta = delta + connection.cross_attn(
                 hidden,
                 context_hiddens,
-                kv = kv,
+                memory = memory,
                 mask = context.mask,
                 causal = context.causal,
                 query_offset = seen + context_len - total,

@@ -9,7 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from calm_pytorch.composition.contexts import augment_context, check_aligned
-from calm_pytorch.composition.cross_attention import CrossAttentionBlock
+from calm_pytorch.composition.cross_attention import ContextMemory, CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import KVBuffer
@@ -74,7 +74,7 @@ class ComposedDecoder:
         self.anchor_state = DecodeState() if use_cache else None
         self.augment_states = [DecodeState() if use_cache and aligned else None for aligned in self.aligned]
         self.buffers: list[dict[CrossAttentionBlock, KVBuffer]] = [
-            {block: KVBuffer(capacity) for block in calm.cross_attns[index]} if use_cache and aligned else {}
+            {block: KVBuffer(block, capacity, tokens.shape[0]) for block in calm.cross_attns[index]} if use_cache and aligned else {}
             for index, aligned in enumerate(self.aligned)
         ]
 
@@ -90,7 +90,7 @@ class ComposedDecoder:
 
         # augments aligned across tokenizers keep per-row caches once the anchor decodes one token a step
         self.streams = [
-            text_stream(calm, index, tokens.shape[0], self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
+            text_stream(calm, index, tokens.shape[0], capacity, self.lockstep) if aligned and exists(calm.augment_texts[index]) and use_cache and calm.anchor_adapter.can_cache else None
             for index, aligned in enumerate(self.aligned)
         ]
 
@@ -107,9 +107,14 @@ class ComposedDecoder:
             context = augment_context(calm, index, tokens, mask, prompts[index], prompt_masks[index], arg)
 
             if use_cache:
-                # the context never changes during generation: project it once per call
-                kv = {block: block.project_context(context.hiddens[key]) for block, key in self.blocks(index)}
-                context = AugmentContext({}, context.mask, causal = False, kv = kv)
+                # the context never changes during generation: projected once per call
+                memory = {}
+                for block, key in self.blocks(index):
+                    hiddens = context.hiddens[key]
+                    folded = block.fold_for(hiddens.shape[0] * hiddens.shape[1])
+                    memory[block] = ContextMemory(block.remember(hiddens, folded), folded)
+
+                context = AugmentContext({}, context.mask, causal = False, memory = memory)
 
             self.fixed[index] = context
 
@@ -152,10 +157,10 @@ class ComposedDecoder:
         for block, key in self.blocks(index):
             buffer = self.buffers[index][block]
             new = hiddens[key][:, -(n - buffer.length):]  # (b, j_new, dim_augment)
-            buffer.append(*block.project_context(new))
+            buffer.append(new)
 
-        kv = {block: self.buffers[index][block].view() for block, _ in self.blocks(index)}
-        return AugmentContext({}, mask, causal = True, kv = kv)
+        memory = {block: self.buffers[index][block].view() for block, _ in self.blocks(index)}
+        return AugmentContext({}, mask, causal = True, memory = memory)
 
     def step(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
         """tokens (b, n), mask (b, n) or None -> logits (b, v) of the next token."""

@@ -3,56 +3,68 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from calm_pytorch.composition.cross_attention import ContextMemory, CrossAttentionBlock
 from calm_pytorch.helpers import exists
 
-# projected keys and values (b, h, j, d) of one cross-attention during generation, grown as the
-# augment reads more positions: one length for the batch (KVBuffer), or one per row (RowKeysValues)
+# what decoding keeps of one cross-attention's context (`ContextMemory`: keys and values, or the
+# normalised augment states where the block's projections are folded), grown as the augment reads
+# more positions: one length for the batch (KVBuffer), or one per row (RowKeysValues)
 
 class KVBuffer:
-    """Projected keys and values (b, h, j, d) of one cross-attention in aligned mode, written into
-    storage allocated once for the whole generation instead of concatenated every step."""
+    """One cross-attention's memory in aligned mode, written into storage allocated once for the
+    whole generation instead of concatenated every step."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, block: CrossAttentionBlock, capacity: int, batch: int):
+        self.block, self.capacity = block, capacity
+        self.folded = block.fold_for(batch * capacity)
         self.length = 0
-        self.k = self.v = None
+        self.states = None
 
-    def append(self, k: Tensor, v: Tensor):
-        n = k.shape[-2]
+    def append(self, hiddens: Tensor):
+        """hiddens (b, n, dim_context): the augment's next n positions."""
+        states = self.block.remember(hiddens, self.folded)
+        n = hiddens.shape[-2]
 
-        if not exists(self.k):
-            b, h, _, d = k.shape
-            self.k = k.new_empty((b, h, self.capacity, d))
-            self.v = v.new_empty((b, h, self.capacity, d))
+        if not exists(self.states):
+            self.states = tuple(t.new_empty((*t.shape[:2], self.capacity, t.shape[-1])) for t in states)
 
-        self.k[:, :, self.length:self.length + n] = k
-        self.v[:, :, self.length:self.length + n] = v
+        for buffer, t in zip(self.states, states):
+            buffer[:, :, self.length:self.length + n] = t
+
         self.length += n
 
-    def view(self) -> tuple[Tensor, Tensor]:
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+    def view(self) -> ContextMemory:
+        return ContextMemory(tuple(t[:, :, :self.length] for t in self.states), self.folded)
 
 class RowKeysValues:
-    """Projected keys and values (b, h, j, d) of one cross-attention, a length per row. Unused
-    slots hold zeros: a masked key gets zero weight, and 0 * NaN would still be NaN."""
+    """One cross-attention's memory, a length per row. Unused slots hold zeros: a masked key gets
+    zero weight, and 0 * NaN would still be NaN."""
 
-    def __init__(self, batch: int, heads: int, dim_head: int, like: Tensor):
+    def __init__(self, block: CrossAttentionBlock, batch: int, keys: int):
         # allocated up front: until a row's text commits a token, every row may have none (the view
         # is then one masked slot)
+        self.block = block
+        self.folded = block.fold_for(keys)
         self.lengths = [0] * batch
-        self.k, self.v = (like.new_zeros((batch, heads, 16, dim_head)) for _ in range(2))
+        like = block.to_kv.weight
+        self.states = tuple(like.new_zeros((batch, heads, 16, dim)) for heads, dim in block.state_shapes(self.folded))
 
-    def write(self, row: int, start: int, k: Tensor, v: Tensor):
-        end = start + k.shape[-2]
+    def remember(self, hiddens: Tensor) -> tuple[Tensor, ...]:
+        return self.block.remember(hiddens, self.folded)
 
-        if end > self.k.shape[-2]:
-            grow = max(end, 2 * self.k.shape[-2]) - self.k.shape[-2]
-            self.k, self.v = (torch.cat((t, t.new_zeros((*t.shape[:2], grow, t.shape[-1]))), dim = -2) for t in (self.k, self.v))
+    def write(self, row: int, start: int, states: tuple[Tensor, ...]):
+        """states: `remember`'s tensors of one row, (1, h, n, d) each, for its positions from `start` on."""
+        end = start + states[0].shape[-2]
 
-        self.k[row, :, start:end] = k[0]
-        self.v[row, :, start:end] = v[0]
+        if end > self.states[0].shape[-2]:
+            grow = max(end, 2 * self.states[0].shape[-2]) - self.states[0].shape[-2]
+            self.states = tuple(torch.cat((t, t.new_zeros((*t.shape[:2], grow, t.shape[-1]))), dim = -2) for t in self.states)
+
+        for buffer, t in zip(self.states, states):
+            buffer[row, :, start:end] = t[0]
+
         self.lengths[row] = end
 
-    def view(self) -> tuple[Tensor, Tensor]:
+    def view(self) -> ContextMemory:
         length = max([1, *self.lengths])
-        return self.k[:, :, :length], self.v[:, :, :length]
+        return ContextMemory(tuple(t[:, :, :length] for t in self.states), self.folded)

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from calm_pytorch.composition.contexts import read_alignment, text_aligned_context
+from calm_pytorch.composition.cross_attention import ContextMemory
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import RowKeysValues
@@ -27,10 +28,11 @@ from calm_pytorch.text.commit import committed_text
 
 class TextStream:
     """One augment aligned across tokenizers, during one cached `generate` call: per row, the
-    augment tokens read so far and the keys and values of each cross-attention. The anchor's
-    newest position sees every one of them."""
+    augment tokens read so far and each cross-attention's memory of them. The anchor's newest
+    position sees every one of them. `capacity`: the anchor's final length, an estimate of the
+    augment's (it decides how the memory is kept, not what it holds)."""
 
-    def __init__(self, calm: Composition, index: int, batch: int, lockstep: Lockstep):
+    def __init__(self, calm: Composition, index: int, batch: int, capacity: int, lockstep: Lockstep):
         self.calm, self.index, self.lockstep = calm, index, lockstep
         self.adapter = calm.augment_adapters[index]
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -38,7 +40,7 @@ class TextStream:
         # per row, its last four committed texts and their tokens: a new text that extends one of
         # them by words encodes only those words (a word then a comma extends the text before it)
         self.earlier: list[list[tuple[str, list[int]]]] = [[] for _ in range(batch)]
-        self.kv = {block: RowKeysValues(batch, block.heads, block.to_q.out_features // block.heads, block.to_kv.weight) for block in calm.cross_attns[index]}
+        self.memory = {block: RowKeysValues(block, batch, batch * capacity) for block in calm.cross_attns[index]}
 
     def first(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
         """The prompt: each anchor position reads the augment tokens of its own committed prefix."""
@@ -70,17 +72,17 @@ class TextStream:
             self.adapter.decode(self.adapter.dummy_input(seq_len = 1), None, None)
 
         self.tokens, self.texts = targets, texts
-        for buffer in self.kv.values():
+        for buffer in self.memory.values():
             buffer.lengths = [len(target) for target in targets]
 
-        kv = {block: buffer.view() for block, buffer in self.kv.items()}
-        length = next(iter(kv.values()))[0].shape[-2]
+        memory = {block: buffer.view() for block, buffer in self.memory.items()}
+        length = next(iter(memory.values())).length
 
         if all(len(tokens) == length for tokens in self.tokens):
-            return AugmentContext({}, None, causal = False, kv = kv)  # no row has a masked slot
+            return AugmentContext({}, None, causal = False, memory = memory)  # no row has a masked slot
 
         lengths = torch.tensor([len(tokens) for tokens in self.tokens], device = seq.device)
-        return AugmentContext({}, torch.arange(length, device = seq.device) < lengths[:, None], causal = False, kv = kv)
+        return AugmentContext({}, torch.arange(length, device = seq.device) < lengths[:, None], causal = False, memory = memory)
 
     def committed(self, seq: Tensor, mask: Tensor | None) -> list[str]:
         return [committed_text(text) for text in self.calm.anchor_text.decode_batch(real_tokens(seq, mask))]
@@ -99,8 +101,8 @@ class TextStream:
 class SharedStream(TextStream):
     """One augment cache for the whole batch (see the top of this file)."""
 
-    def __init__(self, calm: Composition, index: int, batch: int, lockstep: Lockstep):
-        super().__init__(calm, index, batch, lockstep)
+    def __init__(self, calm: Composition, index: int, batch: int, capacity: int, lockstep: Lockstep):
+        super().__init__(calm, index, batch, capacity, lockstep)
         self.state = DecodeState()
         self.slots: list[list[int]] = [[] for _ in range(batch)]  # the cache slot of each token read
         self.ids = to_model(torch.zeros((batch, 0), dtype = torch.long), self.adapter.model, 'seq')  # (b, slots) the cache's tokens
@@ -125,13 +127,15 @@ class SharedStream(TextStream):
         self.slots = [list(range(len(tokens))) for tokens in self.tokens]
         lengths = [len(tokens) for tokens in self.tokens]
 
-        kv = {}
+        memory = {}
         for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
-            kv[block] = block.project_context(hiddens[key])
+            buffer = self.memory[block]
+            states = buffer.remember(hiddens[key])
+            memory[block] = ContextMemory(states, buffer.folded)
             for row, length in enumerate(lengths):
-                self.kv[block].write(row, 0, *(t[row:row + 1, :, :length] for t in kv[block]))
+                buffer.write(row, 0, tuple(t[row:row + 1, :, :length] for t in states))
 
-        return AugmentContext({}, None, causal = False, kv = kv, visible = alignment.visible)
+        return AugmentContext({}, None, causal = False, memory = memory, visible = alignment.visible)
 
     def forwards(self, targets: list[list[int]], keeps: list[int]) -> int:
         return int(any(len(target) > keep for target, keep in zip(targets, keeps)))
@@ -163,16 +167,17 @@ class SharedStream(TextStream):
 
         # projected once for the batch, then written row by row
         for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
-            k, v = block.project_context(hiddens[key])
+            buffer = self.memory[block]
+            states = buffer.remember(hiddens[key])
             for row, (tokens, keep) in enumerate(zip(new, keeps)):
                 if tokens:
-                    self.kv[block].write(row, keep, k[row:row + 1, :, :len(tokens)], v[row:row + 1, :, :len(tokens)])
+                    buffer.write(row, keep, tuple(t[row:row + 1, :, :len(tokens)] for t in states))
 
 class RowStreams(TextStream):
     """A cache per row, each row decoded alone (see the top of this file)."""
 
-    def __init__(self, calm: Composition, index: int, batch: int, lockstep: Lockstep):
-        super().__init__(calm, index, batch, lockstep)
+    def __init__(self, calm: Composition, index: int, batch: int, capacity: int, lockstep: Lockstep):
+        super().__init__(calm, index, batch, capacity, lockstep)
         self.states = [DecodeState(rollback = True) for _ in range(batch)]
 
     def forwards(self, targets: list[list[int]], keeps: list[int]) -> int:
@@ -196,7 +201,8 @@ class RowStreams(TextStream):
     def write(self, row: int, start: int, hiddens: dict, count: int):
         # hiddens (1, >= count, d): the first `count` positions are the row's tokens from `start` on
         for block, key in zip(self.calm.cross_attns[self.index], self.calm.augment_keys[self.index]):
-            self.kv[block].write(row, start, *block.project_context(hiddens[key][:, :count]))
+            buffer = self.memory[block]
+            buffer.write(row, start, buffer.remember(hiddens[key][:, :count]))
 
     def extend(self, row: int, target: list[int], keep: int):
         adapter, recorder, state = self.adapter, self.calm.recorders[self.index], self.states[row]
@@ -216,6 +222,6 @@ class RowStreams(TextStream):
         hiddens = {key: torch.cat([step[key] for step in steps], dim = -2)[:, -(len(target) - keep):] for key in steps[0]}
         self.write(row, keep, hiddens, len(target) - keep)
 
-def text_stream(calm: Composition, index: int, batch: int, lockstep: Lockstep) -> TextStream:
+def text_stream(calm: Composition, index: int, batch: int, capacity: int, lockstep: Lockstep) -> TextStream:
     kind = SharedStream if calm.augment_adapters[index].decodes_with_gaps else RowStreams
-    return kind(calm, index, batch, lockstep)
+    return kind(calm, index, batch, capacity, lockstep)

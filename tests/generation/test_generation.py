@@ -231,8 +231,8 @@ def test_generate_checks_its_arguments(plus_one):
 def test_context_is_projected_once_per_generate_call(monkeypatch, num_new):
     calm = composition(2)
     calls = []
-    project = CrossAttentionBlock.project_context
-    monkeypatch.setattr(CrossAttentionBlock, 'project_context', lambda self, context: calls.append(tuple(context.shape)) or project(self, context))
+    remember = CrossAttentionBlock.remember
+    monkeypatch.setattr(CrossAttentionBlock, 'remember', lambda self, context, folded = None: calls.append(tuple(context.shape)) or remember(self, context, folded))
 
     calm.generate(tokens(2, 5), max_new_tokens = num_new, prompt = tokens(2, 7))
     assert len(calls) == sum(len(blocks) for blocks in calm.cross_attns)  # one per cross-attention, not per token
