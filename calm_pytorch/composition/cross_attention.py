@@ -194,7 +194,7 @@ class CrossAttentionBlock(Module):
 
         # a query at offset j - 1 or later (a decoding step) sees every key: no mask to build
         if causal and not (i == 1 and offset >= j - 1):
-            causal_visible = rearrange(torch.ones((i, j), device = device, dtype = torch.bool).tril(offset), 'i j -> 1 1 i j')
+            causal_visible = torch.ones((i, j), device = device, dtype = torch.bool).tril(offset)
             visible = causal_visible if not exists(visible) else (visible & causal_visible)
 
         # a query that sees no key (its context is all padding) would be NaN: it attends to
@@ -221,7 +221,7 @@ class CrossAttentionBlock(Module):
             delta = self.to_out(out.transpose(1, 2).reshape(batch, i, dim_inner))
 
         if exists(no_key):
-            delta = delta.masked_fill(no_key[:, 0], 0.)  # (b, 1, i, 1) -> (b, i, 1)
+            delta = delta.masked_fill(no_key[:, 0] if no_key.ndim == 4 else no_key, 0.)  # (b, 1, i, 1) or (i, 1)
 
         return delta.to(device = x.device, dtype = x.dtype)
 

@@ -65,10 +65,11 @@ def cross_attention(dim: int, dim_context: int, heads: int, dim_head: int, eleme
     """Per token, one cross-attention in aligned mode, in the composition's dtype (its inputs are
     cast to it): the augment's hidden state, its LayerNorm's mean and rstd, its normed and its
     projected form (to the anchor's width); the same three for the anchor's hidden state; keys and
-    values (one tensor), queries, the attention's output and log-sum-exp (float32), and the output
-    rearranged for the output projection."""
+    values (one tensor), queries, the attention's output and log-sum-exp (float32). The output
+    projection reads the attention's output as it is (attention lays it out position-major: its
+    heads-major view is a transpose), so it adds nothing."""
     inner = heads * dim_head
-    return element * (2 * dim_context + 3 * dim + 5 * inner) + 4 * heads + 4 * 4
+    return element * (2 * dim_context + 3 * dim + 4 * inner) + 4 * heads + 4 * 4
 
 def cross_attention_mask(seq_len: int, element: int) -> int:
     """Once per cross-attention: the causal mask of aligned mode, which attention turns into a
