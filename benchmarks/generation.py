@@ -16,8 +16,9 @@ prompt once) and each number of augments:
 one reading the same text through its own tokenizer (docs/tokenizers.md): a byte-level BPE anchor and
 a WordPiece augment, both trained here on a random English-like text whose tokens every step is made to
 write, and reports the time spent decoding, committing and re-tokenizing text per generated token.
-`--hf` compares the composition of two transformers Llamas (anchor width 256, 6 layers; augment
-width 128, 4 layers; 256 prompt tokens + 64 new, batch 1 and 8) with each model's own `generate`
+`--hf` compares the composition of two transformers Llamas (anchor width 256, 6 layers, or
+`--anchor WIDTH DEPTH`; augment width 128, 4 layers; 256 prompt tokens + 64 new, batch 1 and 8;
+the cross-attention's shape `--attn HEADS DIM_HEAD`) with each model's own `generate`
 (its own cache, no composition): context mode against the anchor's; aligned mode, and aligned
 across tokenizers, against the anchor's and the augment's times added (the augment then generates
 the augment tokens of the same text).
@@ -89,6 +90,7 @@ def main():
     parser.add_argument('--hf', action = 'store_true', help = 'transformers models against their own generate')
     parser.add_argument('--batches', type = int, nargs = '+', default = (1, 8), help = 'batch sizes of --hf')
     parser.add_argument('--attn', type = int, nargs = 2, default = None, metavar = ('HEADS', 'DIM_HEAD'), help = "the cross-attention's shape in --hf (default: the library's)")
+    parser.add_argument('--anchor', type = int, nargs = 2, default = (256, 6), metavar = ('WIDTH', 'DEPTH'), help = "the anchor's shape in --hf")
     args = parser.parse_args()
 
     if args.hf:
@@ -303,7 +305,7 @@ def hf_main(args):
     augment_new = len(augment_tokenizer(prompt_text + new_text, add_special_tokens = False)['input_ids']) - len(augment_prompt)
 
     torch.manual_seed(0)
-    anchor = hf_llama(len(anchor_tokenizer), 256, 6)
+    anchor = hf_llama(len(anchor_tokenizer), *args.anchor)
     augment = hf_llama(len(anchor_tokenizer), 128, 4)
     text_augment = hf_llama(len(augment_tokenizer), 128, 4)
     bare_anchor, bare_augment, bare_text_augment = copied(anchor), copied(augment), copied(text_augment)
@@ -316,7 +318,7 @@ def hf_main(args):
     }
 
     print(f'# torch {torch.__version__}, transformers {__import__("transformers").__version__}, {platform.processor() or platform.machine()}, '
-          f'{torch.get_num_threads()} thread(s), {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}')
+          f'{torch.get_num_threads()} thread(s), anchor width {args.anchor[0]} depth {args.anchor[1]}, {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}')
     print('| mode | batch | ratio | goal | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) |')
     print('|---|---|---|---|---|---|---|')
 

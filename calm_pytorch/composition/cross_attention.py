@@ -136,6 +136,10 @@ class CrossAttentionBlock(Module):
 
         return self.keys_values_of(context)
 
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(b, j, dim_context) augment hidden states -> keys and values (b, h, j, d)."""
+        return self.remember(context)
+
     def keys_values_of(self, normalised: Tensor) -> tuple[Tensor, Tensor]:
         """(b, j, c) normalised augment states -> keys and values (b, h, j, d)."""
         kv = self.to_kv(self.to_context(normalised))
