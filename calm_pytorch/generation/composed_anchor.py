@@ -12,13 +12,17 @@ from calm_pytorch.composition.contexts import augment_contexts
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.inputs import check_usable
 from calm_pytorch.composition.protocol import Composition
+from calm_pytorch.generation.kv_buffers import fixed_memory
 from calm_pytorch.helpers import PerThread, exists
 
 # the anchor's own forward and generate(), composed in context mode: the augments run once on
 # their prompts, and every anchor call inside the `with` block cross-attends to what they recorded.
 # generate() may run the anchor on more rows than there are prompts (beams, num_return_sequences):
 # it expands each example into consecutive rows, so the context rows are repeated the same way,
-# once per batch size seen, not once per token
+# once per batch size seen, not once per token. Calls without gradients read each
+# cross-attention's memory of the contexts (projected once, as `calm.generate` does), kept while
+# the composition's weights are unchanged; calls with gradients read the contexts themselves, so
+# that the projections get their gradients
 
 def expand_context(context: AugmentContext, times: int) -> AugmentContext:
     return AugmentContext(
@@ -35,6 +39,9 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
 
     first = next((arg for arg in args if isinstance(arg, Tensor)), None)
     return first.shape[0] if exists(first) else None
+
+def same_versions(kept: list[tuple[Tensor, int]], now: list[tuple[Tensor, int]]) -> bool:
+    return len(kept) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(kept, now))
 
 class ThreadRole(PerThread):
     """Whether the calling thread is composed by one `composed(...)` block: None until its first
@@ -56,9 +63,14 @@ class ContextsForBatch:
     closed and the threads started inside it have ended."""
 
     def __init__(self, calm: Composition, contexts: list[AugmentContext]):
+        self.calm = calm
         self.injector = calm.injector
         self.batch = next(iter(contexts[0].hiddens.values())).shape[0]
         self.by_batch = {self.batch: contexts}
+        # per batch: the memories, and the weights' versions they were computed from. A list is
+        # refreshed in place: whichever thread holds it still holds the block's own
+        self.memories: dict[int, list[AugmentContext]] = {}
+        self.versions: dict[int, list[tuple[Tensor, int]]] = {}
         self.role = ThreadRole()
         self.role.composed = True  # the opener
         self.opener = threading.current_thread()
@@ -69,12 +81,29 @@ class ContextsForBatch:
     def __getstate__(self):
         # threads cannot be copied or pickled, nor are they the model's: a copy of the anchor made
         # inside the block (deepcopy, pickle) composes no thread
-        return {**vars(self), 'opener': None, 'running_before': set(), 'started_inside': set()}
+        return {**vars(self), 'calm': None, 'memories': {}, 'versions': {}, 'opener': None, 'running_before': set(), 'started_inside': set()}
 
     def owns(self, contexts) -> bool:
-        return any(contexts is own for own in self.by_batch.values())
+        return any(contexts is own for own in (*self.by_batch.values(), *self.memories.values()))
 
     def for_batch(self, batch: int) -> list[AugmentContext]:
+        contexts = self.hiddens_for_batch(batch)
+
+        # under torch.compile the contexts are read as they are: the versions below are not traceable
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not exists(self.calm):
+            return contexts
+
+        # a weight changed in place (an optimizer step, load_state_dict) or replaced invalidates the memories
+        versions = [(param, param._version) for param in self.calm.cross_attns.parameters()]
+        memories = self.memories.setdefault(batch, [])
+
+        if not same_versions(self.versions.get(batch, []), versions):
+            memories[:] = [fixed_memory(self.calm, index, context) for index, context in enumerate(contexts)]
+            self.versions[batch] = versions
+
+        return memories
+
+    def hiddens_for_batch(self, batch: int) -> list[AugmentContext]:
         if batch not in self.by_batch:
             if batch % self.batch != 0:
                 raise ValueError(

@@ -9,10 +9,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from calm_pytorch.composition.contexts import augment_context, check_aligned
-from calm_pytorch.composition.cross_attention import ContextMemory, CrossAttentionBlock
+from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
-from calm_pytorch.generation.kv_buffers import KVBuffer
+from calm_pytorch.generation.kv_buffers import KVBuffer, fixed_memory
 from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.generation.sampling import sample
 from calm_pytorch.generation.text_stream import text_stream
@@ -108,13 +108,7 @@ class ComposedDecoder:
 
             if use_cache:
                 # the context never changes during generation: projected once per call
-                memory = {}
-                for block, key in self.blocks(index):
-                    hiddens = context.hiddens[key]
-                    folded = block.fold_for(hiddens.shape[0] * hiddens.shape[1])
-                    memory[block] = ContextMemory(block.remember(hiddens, folded), folded)
-
-                context = AugmentContext({}, context.mask, causal = False, memory = memory)
+                context = fixed_memory(calm, index, context)
 
             self.fixed[index] = context
 

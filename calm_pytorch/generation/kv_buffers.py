@@ -4,11 +4,25 @@ import torch
 from torch import Tensor
 
 from calm_pytorch.composition.cross_attention import ContextMemory, CrossAttentionBlock
+from calm_pytorch.composition.injection import AugmentContext
+from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.helpers import exists
 
 # what decoding keeps of one cross-attention's context (`ContextMemory`: keys and values, or the
 # normalised augment states where the block's projections are folded), grown as the augment reads
 # more positions: one length for the batch (KVBuffer), or one per row (RowKeysValues)
+
+def fixed_memory(calm: Composition, index: int, context: AugmentContext) -> AugmentContext:
+    """A context-mode context (augment `index` read its prompt) as its cross-attentions' memory,
+    computed once for every call that reads it."""
+    memory = {}
+
+    for block, key in zip(calm.cross_attns[index], calm.augment_keys[index]):
+        hiddens = context.hiddens[key]
+        folded = block.fold_for(hiddens.shape[0] * hiddens.shape[1])
+        memory[block] = ContextMemory(block.remember(hiddens, folded), folded)
+
+    return AugmentContext({}, context.mask, causal = False, memory = memory)
 
 class KVBuffer:
     """One cross-attention's memory in aligned mode, written into storage allocated once for the

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import ENCODERS, llama
+
+from calm_pytorch import CALM, AugmentParams, CrossAttentionBlock
+from calm_pytorch.generation.composed_anchor import ContextsForBatch
+
+# the anchor's own generate() inside `composed(...)`: each cross-attention projects the augments'
+# contexts once, not at every step (it projected the whole document at every step before)
+
+GREEDY = dict(max_new_tokens = 6, do_sample = False, eos_token_id = None, pad_token_id = 0, output_scores = True, return_dict_in_generate = True)
+
+@pytest.fixture(params = ['keys and values', 'folded'])
+def setup(request):
+    torch.manual_seed(0)
+    anchor = llama(depth = 2).eval()
+    # the encoder is 16 wide: one head of 16 keeps keys and values, 8 heads of 64 fold
+    attn = dict(heads = 1, dim_head = 16) if request.param == 'keys and values' else dict(heads = 8, dim_head = 64)
+    calm = CALM(anchor, AugmentParams(model = ENCODERS['bert'].build(), connections = ((1, 1), (2, 2))), attn_kwargs = attn)
+
+    with torch.no_grad():
+        for param in calm.cross_attns.parameters():
+            param.normal_(std = 0.5)
+
+    document = torch.randint(3, 100, (2, 7))
+    folded = request.param == 'folded'
+    assert all((block.fold_for(2 * 7) is not None) == folded for block in calm.cross_attns[0])
+    return calm, anchor, torch.randint(3, 100, (2, 5)), document
+
+def count_work(monkeypatch) -> dict:
+    counts = dict(remembered = 0, projected = 0)
+    remember, keys_values_of = CrossAttentionBlock.remember, CrossAttentionBlock.keys_values_of
+
+    def counted_remember(self, context, folded = None):
+        counts['remembered'] += 1
+        return remember(self, context, folded)
+
+    def counted_projection(self, states):
+        counts['projected'] += 1
+        return keys_values_of(self, states)
+
+    monkeypatch.setattr(CrossAttentionBlock, 'remember', counted_remember)
+    monkeypatch.setattr(CrossAttentionBlock, 'keys_values_of', counted_projection)
+    return counts
+
+def test_the_document_is_projected_once_per_generate(setup, monkeypatch):
+    calm, anchor, input_ids, document = setup
+    blocks = len(calm.cross_attns[0])
+
+    with calm.composed(document):
+        reference = anchor.generate(input_ids, **GREEDY)  # before counting: the memory is made once for the block
+
+    counts = count_work(monkeypatch)
+
+    with calm.composed(document):
+        kept = anchor.generate(input_ids, **GREEDY)
+
+    # once per block; where the block folds, the prompt's call (5 queries) projects the kept states
+    # once more, and the 5 later steps read them as they are
+    assert counts['remembered'] == blocks
+    assert counts['projected'] <= 2 * blocks
+
+    # every step recomputing the projections, as before
+    monkeypatch.setattr(ContextsForBatch, 'for_batch', ContextsForBatch.hiddens_for_batch)
+    counts.update(remembered = 0, projected = 0)
+
+    with calm.composed(document):
+        recomputed = anchor.generate(input_ids, **GREEDY)
+
+    assert counts['remembered'] == 6 * blocks
+
+    for sequences in (kept.sequences, recomputed.sequences):
+        assert torch.equal(sequences, reference.sequences)
+
+    for a, b in zip(kept.scores, recomputed.scores):
+        assert torch.allclose(a, b, atol = 1e-5)
+
+def test_a_weight_changed_inside_the_block_is_read(setup):
+    calm, anchor, input_ids, document = setup
+    block = calm.cross_attns[0][0]
+
+    with calm.composed(document):
+        anchor.generate(input_ids, **GREEDY)
+
+        with torch.no_grad():
+            block.to_kv.weight.mul_(-3.)  # in place, as an optimizer step changes it
+
+        changed = anchor.generate(input_ids, **GREEDY)
+
+    with calm.composed(document):
+        fresh = anchor.generate(input_ids, **GREEDY)
+
+    for a, b in zip(changed.scores, fresh.scores):
+        assert torch.allclose(a, b, atol = 1e-5)
+
+def test_calls_with_gradients_reach_the_projections(setup):
+    calm, anchor, input_ids, document = setup
+    block = calm.cross_attns[0][0]
+
+    params = (block.to_kv.weight, block.to_context.weight, block.context_norm.weight)
+    grads = []
+
+    # two steps in one block: a memory kept from the first would have no gradients, or a graph
+    # already freed by the first backward
+    with calm.composed(document):
+        for _ in range(2):
+            anchor(input_ids).logits.sum().backward()
+            grads.append([param.grad.clone() for param in params])
+
+    for first, both in zip(*grads):
+        assert first.abs().sum() > 0
+        assert torch.allclose(both, 2 * first, atol = 1e-5)
