@@ -20,9 +20,9 @@ from calm_pytorch.helpers import PerThread, exists
 # generate() may run the anchor on more rows than there are prompts (beams, num_return_sequences):
 # it expands each example into consecutive rows, so the context rows are repeated the same way,
 # once per batch size seen, not once per token. Calls without gradients read each
-# cross-attention's memory of the contexts (projected once, as `calm.generate` does), kept while
-# the composition's weights are unchanged; calls with gradients read the contexts themselves, so
-# that the projections get their gradients
+# cross-attention's keys and values of the contexts (projected once, as `calm.generate` does),
+# kept while the composition's weights are unchanged; calls with gradients read the contexts
+# themselves, so that the projections get their gradients
 
 def expand_context(context: AugmentContext, times: int) -> AugmentContext:
     return AugmentContext(
@@ -89,7 +89,9 @@ class ContextsForBatch:
     def for_batch(self, batch: int) -> list[AugmentContext]:
         contexts = self.hiddens_for_batch(batch)
 
-        # under torch.compile the contexts are read as they are: the versions below are not traceable
+        # a compiled anchor reads the contexts as they are (the versions below are data to
+        # torch.compile, not values it can compare); keys and values projected once are the same
+        # numbers, so compiled and eager calls agree exactly
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or not exists(self.calm):
             return contexts
 
@@ -98,7 +100,7 @@ class ContextsForBatch:
         memories = self.memories.setdefault(batch, [])
 
         if not same_versions(self.versions.get(batch, []), versions):
-            memories[:] = [fixed_memory(self.calm, index, context) for index, context in enumerate(contexts)]
+            memories[:] = [fixed_memory(self.calm, index, context, fold = False) for index, context in enumerate(contexts)]
             self.versions[batch] = versions
 
         return memories
@@ -159,10 +161,12 @@ class ContextsForBatch:
 
     def after(self, module: Module, args: tuple, output):
         # a thread started inside the block holds the contexts for one call at a time: its own
-        # CALM forwards and `composed(...)` blocks find them unset
+        # CALM forwards and `composed(...)` blocks find them unset. The opener goes back to the
+        # block's own contexts, so that every call starts from the same state whichever the last
+        # one read (a compiled anchor's guards check it)
         call = self.injector.call
-        if self.role.started_inside and exists(call.contexts) and self.owns(call.contexts):
-            call.contexts = None
+        if exists(call.contexts) and self.owns(call.contexts):
+            call.contexts = None if self.role.started_inside else self.by_batch[self.batch]
 
     def close(self):
         # in the opener, on exit: the opener is plain again; threads started inside keep the composition

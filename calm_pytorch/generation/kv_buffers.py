@@ -12,14 +12,15 @@ from calm_pytorch.helpers import exists
 # normalised augment states where the block's projections are folded), grown as the augment reads
 # more positions: one length for the batch (KVBuffer), or one per row (RowKeysValues)
 
-def fixed_memory(calm: Composition, index: int, context: AugmentContext) -> AugmentContext:
+def fixed_memory(calm: Composition, index: int, context: AugmentContext, fold: bool = True) -> AugmentContext:
     """A context-mode context (augment `index` read its prompt) as its cross-attentions' memory,
-    computed once for every call that reads it."""
+    computed once for every call that reads it; `fold = False` keeps keys and values, whose
+    attention is the forward's to the last bit."""
     memory = {}
 
     for block, key in zip(calm.cross_attns[index], calm.augment_keys[index]):
         hiddens = context.hiddens[key]
-        folded = block.fold_for(hiddens.shape[0] * hiddens.shape[1])
+        folded = block.fold_for(hiddens.shape[0] * hiddens.shape[1]) if fold else None
         memory[block] = ContextMemory(block.remember(hiddens, folded), folded)
 
     return AugmentContext({}, context.mask, causal = False, memory = memory)
