@@ -40,6 +40,9 @@ class TextStream:
         # per row, its last four committed texts and their tokens: a new text that extends one of
         # them by words encodes only those words (a word then a comma extends the text before it)
         self.earlier: list[list[tuple[str, list[int]]]] = [[] for _ in range(batch)]
+        # per row, anchor tokens that begin it and their text, which ends a character: decoding
+        # reads only the tokens after them, where the anchor's tokenizer decodes by bytes
+        self.decoded: list[tuple[list[int], str]] = [([], '')] * batch
         self.memory = {block: RowKeysValues(block, batch, batch * capacity) for block in calm.cross_attns[index]}
 
     def first(self, seq: Tensor, mask: Tensor | None) -> AugmentContext:
@@ -85,7 +88,7 @@ class TextStream:
         return AugmentContext({}, torch.arange(length, device = seq.device) < lengths[:, None], causal = False, memory = memory)
 
     def committed(self, seq: Tensor, mask: Tensor | None) -> list[str]:
-        return [committed_text(text) for text in self.calm.anchor_text.decode_batch(real_tokens(seq, mask))]
+        return [committed_text(text) for text in self.calm.anchor_text.decode_extending(real_tokens(seq, mask), self.decoded)]
 
     def forwards(self, targets: list[list[int]], keeps: list[int]) -> int:
         """How many augment forwards `read` runs."""

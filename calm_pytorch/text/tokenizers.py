@@ -19,11 +19,13 @@ class AnchorText:
             raise TypeError(f'`anchor_tokenizer` must offer `decode(ids) -> str` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
 
         self.backend = fast_backend(tokenizer)
+        self.by_bytes = decodes_by_bytes(self.backend if exists(self.backend) else tokenizer)
 
     def __setstate__(self, state: dict):
-        # pickled before `backend` existed
+        # pickled before `backend` and `by_bytes` existed
         self.__dict__.update(state)
         self.__dict__.setdefault('backend', fast_backend(self.tokenizer))
+        self.__dict__.setdefault('by_bytes', decodes_by_bytes(self.backend if exists(self.backend) else self.tokenizer))
 
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         tokenizer = self.tokenizer
@@ -42,6 +44,26 @@ class AnchorText:
             return tokenizer.decode_batch(sequences, skip_special_tokens = True)  # tokenizers.Tokenizer
 
         return [tokenizer.decode(ids) for ids in sequences]
+
+    def decode_extending(self, sequences: list[list[int]], known: list[tuple[list[int], str]]) -> list[str]:
+        """`decode_batch`, reading per row only the tokens past `known[row]` where the decoder goes
+        by bytes (`decodes_by_bytes`): `known[row]` holds tokens that begin the row and their text,
+        ending a character. It is moved here to each row's tokens whose text ends a character too
+        (no U+FFFD last, the mark of a character not yet complete), so that generation decodes each
+        token about once instead of every row whole at every step."""
+
+        if not self.by_bytes:
+            return self.decode_batch(sequences)
+
+        starts = [len(ids) if row[:len(ids)] == ids else 0 for row, (ids, _) in zip(sequences, known)]
+        tails = self.decode_batch([row[start:] for row, start in zip(sequences, starts)])
+        texts = [(text if start > 0 else '') + tail for (_, text), start, tail in zip(known, starts, tails)]
+
+        for index, (row, text) in enumerate(zip(sequences, texts)):
+            if not text.endswith('\ufffd'):
+                known[index] = (row, text)
+
+        return texts
 
 class AugmentText:
     """The augment's tokenizer, seen as `encode`: text -> token ids. A transformers tokenizer or a
@@ -161,6 +183,20 @@ def fast_backend(tokenizer: Any) -> Any:
         return tokenizer.backend_tokenizer
 
     return None
+
+def decodes_by_bytes(tokenizer: Any) -> bool:
+    """Whether a `tokenizers.Tokenizer` decodes by bytes alone, as GPT-2's, Llama 3's and Qwen's
+    do: its decoder is ByteLevel, which concatenates each token's bytes and reads them as UTF-8
+    (a token that is not made of byte characters gives its own UTF-8). The text of tokens a + b is
+    then the text of a followed by that of b wherever the bytes of a end a character: the
+    reading restarts there, whatever follows. Other decoders are not read this way (SentencePiece's
+    drops the space that starts a text, WordPiece's joins pieces with spaces)."""
+
+    if not callable(getattr(tokenizer, 'to_str', None)):
+        return False
+
+    decoder = json.loads(tokenizer.to_str()).get('decoder')
+    return exists(decoder) and decoder['type'] == 'ByteLevel'
 
 # what a tokenizer may do and still split at spaces (see `splits_at_spaces`): normalizers that
 # never turn a non-space into a space (checked over every code point for the Unicode forms),
