@@ -71,7 +71,7 @@ def augment_tokens_of_prefixes(real: list[int], lengths: Sequence[int], anchor: 
     """For each number of real anchor tokens read: the augment tokens of the committed text."""
 
     lengths = sorted(set(lengths))
-    texts = [committed_text(text) for text in anchor.decode_batch([real[:length] for length in lengths])]
+    texts = [committed_text(text) for text in anchor.decode_prefixes(real, lengths)]
     distinct = list(dict.fromkeys(texts))
     encoded = dict(zip(distinct, augment.encode_growing(distinct)))
     return {length: encoded[text] for length, text in zip(lengths, texts)}

@@ -45,6 +45,30 @@ class AnchorText:
 
         return [tokenizer.decode(ids) for ids in sequences]
 
+    def decode_prefixes(self, tokens: list[int], lengths: list[int]) -> list[str]:
+        """The texts of `tokens[:length]` for each of the ascending `lengths`. Where the decoder goes
+        by bytes (`decodes_by_bytes`), each piece between two lengths is decoded once and added to
+        the text before it when that text ends a character (else the piece is read again from
+        where it did): linear in the tokens instead of quadratic."""
+
+        if not self.by_bytes:
+            return self.decode_batch([tokens[:length] for length in lengths])
+
+        bounds = list(zip([0, *lengths[:-1]], lengths))
+        pieces = self.decode_batch([tokens[start:end] for start, end in bounds])
+
+        texts = []
+        clean, clean_text = 0, ''  # the longest prefix so far whose text ends a character
+
+        for (start, end), piece in zip(bounds, pieces):
+            text = clean_text + (piece if start == clean else self.decode_batch([tokens[clean:end]])[0])
+            texts.append(text)
+
+            if not text.endswith('\ufffd'):
+                clean, clean_text = end, text
+
+        return texts
+
     def decode_extending(self, sequences: list[list[int]], known: list[tuple[list[int], str]]) -> list[str]:
         """`decode_batch`, reading per row only the tokens past `known[row]` where the decoder goes
         by bytes (`decodes_by_bytes`): `known[row]` holds tokens that begin the row and their text,
