@@ -38,33 +38,29 @@ def test_the_prompts_prefixes_read_in_pieces_are_the_whole_texts(ids, data):
     lengths = sorted(set(data.draw(st.lists(st.integers(0, len(ids)), min_size = 1, max_size = 12))))
     assert anchor.decode_prefixes(ids, lengths) == anchor.decode_batch([ids[:length] for length in lengths])
 
-def test_the_prompts_prefixes_are_read_once():
-    anchor = AnchorText(byte_bpe())
+def test_the_prompts_prefixes_and_each_steps_tokens_are_read_once():
     ids = byte_bpe()('café naïve über 東京, the cat sat on the mat')['input_ids']
-    read = []
-    decode_batch = anchor.decode_batch
-    anchor.decode_batch = lambda sequences: read.extend(map(len, sequences)) or decode_batch(sequences)
-
     lengths = list(range(1, len(ids) + 1))
-    assert anchor.decode_prefixes(ids, lengths) == decode_batch([ids[:length] for length in lengths])
-    # a piece is read again only while it ends inside a character; each prefix whole would read
-    # len(ids) * (len(ids) + 1) / 2
-    assert len(ids) <= sum(read) <= 2 * len(ids)
+    whole = AnchorText(byte_bpe()).decode_batch([ids[:length] for length in lengths])
 
-def test_only_the_new_tokens_are_read():
-    anchor = AnchorText(byte_bpe())
-    ids = byte_bpe()('café naïve über 東京, the cat sat on the mat')['input_ids']
-    read = []
-    decode_batch = anchor.decode_batch
-    anchor.decode_batch = lambda sequences: read.extend(map(len, sequences)) or decode_batch(sequences)
+    def counted() -> tuple[AnchorText, list[int]]:
+        anchor, read = AnchorText(byte_bpe()), []
+        decode_batch = anchor.decode_batch
+        anchor.decode_batch = lambda sequences: read.extend(map(len, sequences)) or decode_batch(sequences)
+        return anchor, read
 
+    # the prompt's prefixes at once, then a growing row a step at a time
+    anchor, prefixes_read = counted()
+    assert anchor.decode_prefixes(ids, lengths) == whole
+
+    anchor, steps_read = counted()
     known = [([], '')]
-    for length in range(1, len(ids) + 1):
-        assert anchor.decode_extending([ids[:length]], known) == decode_batch([ids[:length]])
+    assert [anchor.decode_extending([ids[:length]], known)[0] for length in lengths] == whole
 
-    # a token is read again only while the character it began is incomplete; the whole row at
-    # every step would read len(ids) * (len(ids) + 1) / 2
-    assert len(ids) <= sum(read) <= 2 * len(ids)
+    # tokens are read again only while a character is incomplete; each prefix whole would read
+    # len(ids) * (len(ids) + 1) / 2
+    for read in (prefixes_read, steps_read):
+        assert len(ids) <= sum(read) <= 2 * len(ids)
 
 def test_a_row_that_changed_is_read_whole():
     anchor = AnchorText(byte_bpe())
