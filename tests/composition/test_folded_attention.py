@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tokens
+from conftest import decoder, tokens
 from torch import nn
 
 from calm_pytorch import CALM, CrossAttentionBlock
@@ -83,8 +83,6 @@ def test_folding_is_chosen_only_where_a_step_reads_fewer_numbers():
 
 @pytest.mark.parametrize('mode', ['aligned', 'context'])
 def test_generation_folds_and_reads_each_position_once(monkeypatch, mode):
-    from conftest import decoder
-
     torch.manual_seed(0)
     calm = CALM(decoder(dim = 32, depth = 2), decoder(dim = 16, depth = 4)).eval()
     for param in calm.cross_attns.parameters():

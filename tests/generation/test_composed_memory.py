@@ -45,7 +45,7 @@ def test_the_document_is_projected_once_per_generate(setup, monkeypatch):
     blocks = len(calm.cross_attns[0])
 
     with calm.composed(document):
-        reference = anchor.generate(input_ids, **GREEDY)  # before counting: the memory is made once for the block
+        reference = anchor.generate(input_ids, **GREEDY)  # not counted
 
     counts = count_work(monkeypatch)
 
