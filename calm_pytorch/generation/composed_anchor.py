@@ -20,9 +20,10 @@ from calm_pytorch.helpers import PerThread, exists
 # generate() may run the anchor on more rows than there are prompts (beams, num_return_sequences):
 # it expands each example into consecutive rows, so the context rows are repeated the same way,
 # once per batch size seen, not once per token. Calls without gradients read each
-# cross-attention's keys and values of the contexts (projected once, as `calm.generate` does),
-# kept while the composition's weights are unchanged; calls with gradients read the contexts
-# themselves, so that the projections get their gradients
+# cross-attention's keys and values of the contexts, projected at the call that starts a cache (a
+# generation's prompt) and read by the calls that continue it, as `calm.generate` projects them
+# once per call: weights changed between generations, by whatever means, are read. Calls with
+# gradients read the contexts themselves, so that the projections get their gradients
 
 def expand_context(context: AugmentContext, times: int) -> AugmentContext:
     return AugmentContext(
@@ -40,8 +41,15 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
     first = next((arg for arg in args if isinstance(arg, Tensor)), None)
     return first.shape[0] if exists(first) else None
 
-def same_versions(kept: list[tuple[Tensor, int]], now: list[tuple[Tensor, int]]) -> bool:
-    return len(kept) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(kept, now))
+def continues_a_cache(kwargs: dict, key: str | None) -> bool:
+    # a transformers cache holding positions (or a legacy tuple of layers) under the model's keyword
+    cache = kwargs.get(key) if exists(key) else None
+
+    if not exists(cache):
+        return False
+
+    length = cache.get_seq_length() if callable(getattr(cache, 'get_seq_length', None)) else len(cache)
+    return length > 0
 
 class ThreadRole(PerThread):
     """Whether the calling thread is composed by one `composed(...)` block: None until its first
@@ -64,13 +72,13 @@ class ContextsForBatch:
 
     def __init__(self, calm: Composition, contexts: list[AugmentContext]):
         self.calm = calm
+        self.cache_key = getattr(calm.anchor_adapter, 'cache_kwarg', None)
         self.injector = calm.injector
         self.batch = next(iter(contexts[0].hiddens.values())).shape[0]
         self.by_batch = {self.batch: contexts}
-        # per batch: the memories, and the weights' versions they were computed from. A list is
-        # refreshed in place: whichever thread holds it still holds the block's own
+        # per batch, the memories; a list is refreshed in place, so whichever thread holds it still
+        # holds the block's own
         self.memories: dict[int, list[AugmentContext]] = {}
-        self.versions: dict[int, list[tuple[Tensor, int]]] = {}
         self.role = ThreadRole()
         self.role.composed = True  # the opener
         self.opener = threading.current_thread()
@@ -81,27 +89,25 @@ class ContextsForBatch:
     def __getstate__(self):
         # threads cannot be copied or pickled, nor are they the model's: a copy of the anchor made
         # inside the block (deepcopy, pickle) composes no thread
-        return {**vars(self), 'calm': None, 'memories': {}, 'versions': {}, 'opener': None, 'running_before': set(), 'started_inside': set()}
+        return {**vars(self), 'calm': None, 'memories': {}, 'opener': None, 'running_before': set(), 'started_inside': set()}
 
     def owns(self, contexts) -> bool:
         return any(contexts is own for own in (*self.by_batch.values(), *self.memories.values()))
 
-    def for_batch(self, batch: int) -> list[AugmentContext]:
+    def for_batch(self, batch: int, continues: bool = False) -> list[AugmentContext]:
+        """continues: the call continues a cache (a generation's step after its prompt)."""
         contexts = self.hiddens_for_batch(batch)
 
-        # a compiled anchor reads the contexts as they are (the versions below are data to
-        # torch.compile, not values it can compare); keys and values projected once are the same
-        # numbers, so compiled and eager calls agree exactly
+        # a compiled anchor reads the contexts as they are (whether the memories are fresh is
+        # Python state torch.compile would have to guard on); keys and values projected once are
+        # the same numbers, so compiled and eager calls agree exactly
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or not exists(self.calm):
             return contexts
 
-        # a weight changed in place (an optimizer step, load_state_dict) or replaced invalidates the memories
-        versions = [(param, param._version) for param in self.calm.cross_attns.parameters()]
         memories = self.memories.setdefault(batch, [])
 
-        if not same_versions(self.versions.get(batch, []), versions):
+        if not continues or len(memories) == 0:
             memories[:] = [fixed_memory(self.calm, index, context, fold = False) for index, context in enumerate(contexts)]
-            self.versions[batch] = versions
 
         return memories
 
@@ -156,7 +162,7 @@ class ContextsForBatch:
             return None
 
         batch = call_batch_size(args, kwargs or {})
-        call.contexts = self.for_batch(batch if exists(batch) else self.batch)
+        call.contexts = self.for_batch(batch if exists(batch) else self.batch, continues_a_cache(kwargs or {}, self.cache_key))
         return None
 
     def after(self, module: Module, args: tuple, output):

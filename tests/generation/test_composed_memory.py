@@ -56,7 +56,7 @@ def test_the_document_is_projected_once_per_generate(setup, monkeypatch):
     assert counts['remembered'] == counts['projected'] == blocks
 
     # every step recomputing the projections, as before
-    monkeypatch.setattr(ContextsForBatch, 'for_batch', ContextsForBatch.hiddens_for_batch)
+    monkeypatch.setattr(ContextsForBatch, 'for_batch', lambda self, batch, continues = False: self.hiddens_for_batch(batch))
     counts.update(remembered = 0, projected = 0)
 
     with calm.composed(document):
@@ -71,15 +71,19 @@ def test_the_document_is_projected_once_per_generate(setup, monkeypatch):
     for a, b in zip(kept.scores, recomputed.scores):
         assert torch.equal(a, b)
 
-def test_a_weight_changed_inside_the_block_is_read(setup):
+@pytest.mark.parametrize('how', ['in place', 'through .data'])
+def test_a_weight_changed_inside_the_block_is_read(setup, how):
     calm, anchor, input_ids, document = setup
     block = calm.cross_attns[0][0]
 
     with calm.composed(document):
         anchor.generate(input_ids, **GREEDY)
 
-        with torch.no_grad():
-            block.to_kv.weight.mul_(-3.)  # in place, as an optimizer step changes it
+        if how == 'in place':
+            with torch.no_grad():
+                block.to_kv.weight.mul_(-3.)  # as an optimizer step changes it
+        else:
+            block.to_kv.weight.data.mul_(-3.)  # unseen by the weight's version counter
 
         changed = anchor.generate(input_ids, **GREEDY)
 
