@@ -71,8 +71,8 @@ class ComposedDecoder:
         self.prompt_masks = prompt_masks
         self.aligned = [not exists(prompt) for prompt in prompts]
 
-        self.anchor_state = DecodeState() if use_cache else None
-        self.augment_states = [DecodeState() if use_cache and aligned else None for aligned in self.aligned]
+        self.anchor_state = DecodeState(capacity = capacity) if use_cache else None
+        self.augment_states = [DecodeState(capacity = capacity) if use_cache and aligned else None for aligned in self.aligned]
         self.buffers: list[dict[CrossAttentionBlock, KVBuffer]] = [
             {block: KVBuffer(block, capacity, tokens.shape[0]) for block in calm.cross_attns[index]} if use_cache and aligned else {}
             for index, aligned in enumerate(self.aligned)

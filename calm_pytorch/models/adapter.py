@@ -323,6 +323,7 @@ class DecodeState:
     cache: Any = None  # x-transformers LayerIntermediates or an HF Cache; None before the first step
     length: int = 0    # positions already in the cache
     rollback: bool = False  # the cache may be cropped (`ModelAdapter.crop`)
+    capacity: int | None = None  # the positions the cache is expected to hold, where known: room is reserved for them
 
 def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
     # (b, n) left-padded mask -> (b,) index of each row's first real token; None without padding

@@ -12,7 +12,7 @@ from calm_pytorch.models.adapter import DecodeState, Layer, ModelAdapter
 from calm_pytorch.models.hf_discovery import discovery_root, find_hf_blocks, is_encoder_decoder, is_hf_model, text_config
 
 # Hugging Face transformers models: how to call them (the blocks are found by hf_discovery.py).
-# `transformers` is imported only to build a cache, for a model whose modeling code is loaded
+# `transformers` is imported only to build a cache (hf_cache.py), for a model whose modeling code is loaded
 
 # the keyword a forward takes its cache by: `past_key_values` until transformers 5.24, `cache` since
 CACHE_KWARGS = ('cache', 'past_key_values')
@@ -29,18 +29,6 @@ def forward_params(module: Module) -> set[str]:
 
 def cache_kwarg(params: set[str]) -> str | None:
     return next((kwarg for kwarg in CACHE_KWARGS if kwarg in params), None)
-
-def new_cache(config: Any, rollback: bool) -> Any:
-    from transformers import DynamicCache
-
-    # with the config, sliding-window layers get their own (bounded) cache layers
-    cache = DynamicCache(config = config)
-
-    if rollback:
-        # sliding-window layers keep what `crop` may roll back to
-        cache.activate_past_recording()
-
-    return cache
 
 def attends_to_all_earlier(config: Any) -> bool:
     kinds = getattr(config, 'layer_types', None) or getattr(config, 'attention_layers', None) or ()
@@ -239,7 +227,8 @@ class HFAdapter(ModelAdapter):
         if not exists(state.cache):
             # created here rather than returned by the model: a recorder may stop the forward after
             # its deepest connected layer, and the cache object, filled in place, survives that
-            state.cache = new_cache(self.model.config, state.rollback)
+            from calm_pytorch.models.hf_cache import new_cache
+            state.cache = new_cache(self.model.config, state.rollback, state.capacity)
 
         start, state.length = state.length, tokens.shape[-1]
 
