@@ -31,6 +31,7 @@ would take an hour on a CPU). Decoding is greedy. Timings on a shared machine ar
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
 import time
 from contextlib import redirect_stderr
@@ -59,6 +60,20 @@ def trained_away(calm: nn.Module) -> nn.Module:
             nn.init.normal_(param, std = 0.02)
 
     return calm.eval()
+
+def keep_freed_memory() -> str:
+    # glibc hands freed heap memory back to the OS past a threshold it moves as it goes, and the
+    # next generate faults it back in page by page: 10,000 to 37,000 minor faults per generate
+    # on our 2-core VM, hitting the baselines and the compositions alike and most of the noise
+    # between runs. Fixed thresholds keep freed memory in the process (as jemalloc or tcmalloc do)
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return "the platform's allocator"
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    fixed = libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+    return 'glibc keeping freed memory' if fixed else "glibc's default"
 
 def timed(fn, reps: int) -> float:
     best = float('inf')
@@ -91,7 +106,9 @@ def main():
     parser.add_argument('--batches', type = int, nargs = '+', default = (1, 8), help = 'batch sizes of --hf')
     parser.add_argument('--attn', type = int, nargs = 2, default = None, metavar = ('HEADS', 'DIM_HEAD'), help = "the cross-attention's shape in --hf (default: the library's)")
     parser.add_argument('--anchor', type = int, nargs = 2, default = (256, 6), metavar = ('WIDTH', 'DEPTH'), help = "the anchor's shape in --hf")
+    parser.add_argument('--malloc-default', action = 'store_true', help = "keep glibc's default of returning freed memory to the OS (more page faults, noisier)")
     args = parser.parse_args()
+    args.malloc = "glibc's default" if args.malloc_default else keep_freed_memory()
 
     if args.hf:
         torch.set_num_threads(args.threads)
@@ -113,7 +130,7 @@ def main():
     if args.no_reference:
         reference = None
 
-    print(f'# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), batch {args.batch}, greedy')
+    print(f'# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), batch {args.batch}, greedy, {args.malloc}')
     header = '| mode | augments | total | (a) anchor, own cache | (b) CALM cached | (c) CALM uncached | ' + ('(d) CALM-Pytorch | ' if reference else '') + 'b / a | b / c |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
@@ -219,7 +236,7 @@ def tokenizers_main(args):
     totals = args.totals or ((64,) if args.quick else (64, 256, 1024))
     anchor_tokenizer, augment_tokenizer = trained_tokenizers()
 
-    print(f'# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), batch {args.batch}, one augment, aligned mode')
+    print(f'# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), batch {args.batch}, one augment, aligned mode, {args.malloc}')
     print('| total | same tokens: tok/s | cross-tokenizer: tok/s | text work per token (ms) | text work / step time |')
     print('|---|---|---|---|---|')
 
@@ -318,7 +335,7 @@ def hf_main(args):
     }
 
     print(f'# torch {torch.__version__}, transformers {__import__("transformers").__version__}, {platform.processor() or platform.machine()}, '
-          f'{torch.get_num_threads()} thread(s), anchor width {args.anchor[0]} depth {args.anchor[1]}, {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}')
+          f'{torch.get_num_threads()} thread(s), anchor width {args.anchor[0]} depth {args.anchor[1]}, {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}, {args.malloc}')
     print('| mode | batch | ratio | goal | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) | anchor own generate, static cache (tok/s) |')
     print('|---|---|---|---|---|---|---|---|')
 

@@ -132,7 +132,7 @@ class CrossAttentionBlock(Module):
         context = self.context_norm(context)
 
         if exists(folded):
-            return (rearrange(context, 'b j c -> b 1 j c'),)
+            return (context.unsqueeze(1),)  # (b, 1, j, c)
 
         return self.keys_values_of(context)
 
@@ -142,8 +142,10 @@ class CrossAttentionBlock(Module):
 
     def keys_values_of(self, normalised: Tensor) -> tuple[Tensor, Tensor]:
         """(b, j, c) normalised augment states -> keys and values (b, h, j, d)."""
-        kv = self.to_kv(self.to_context(normalised))
-        return tuple(rearrange(kv, 'b j (kv h d) -> kv b h j d', kv = 2, h = self.heads).unbind(0))
+        # views, not einops: in aligned mode this runs at every step
+        batch, length = normalised.shape[:2]
+        kv = self.to_kv(self.to_context(normalised)).view(batch, length, 2, self.heads, self.to_q.out_features // self.heads)
+        return tuple(kv.permute(2, 0, 3, 1, 4).unbind(0))  # (b, h, j, d) each
 
     def state_shapes(self, folded: tuple | None = None) -> list[tuple[int, int]]:
         """The (h, d) of each tensor `remember` returns."""
