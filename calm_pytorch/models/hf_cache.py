@@ -12,7 +12,7 @@ from calm_pytorch.helpers import exists
 # The cache a transformers model decodes with inside `calm.generate`: transformers' own
 # `DynamicCache`, whose full-attention layers write each step's keys and values into room reserved
 # ahead instead of concatenating. A concatenation copies the layer's whole cache at every step:
-# on the benchmark's Llama at batch 8 that is about a tenth of the anchor's decoding time.
+# on the benchmark's Llama at batch 8 that is up to a tenth of the anchor's decoding time.
 # Imported only when a transformers model decodes (hf_adapter.py), so transformers stays optional.
 
 SLACK = 256  # positions a new room holds past the need at least: most generations fit their first
@@ -85,8 +85,9 @@ class ReservedLayer(DynamicLayer):
         return True
 
     def reserve(self, key_states: Tensor, value_states: Tensor, end: int):
-        # twice what is held (or SLACK more), but no more than the hint while it suffices: a large
-        # max_new_tokens that an eos ends early never reserves its whole length at once
+        # twice the need or the room held (and SLACK past the need at least), but no more than
+        # the hint while it suffices: a large max_new_tokens that an eos ends early never
+        # reserves its whole length
         held = max(end, self.room[0].shape[-2] if exists(self.room) else 0)
         grown = max(2 * held, end + SLACK)
         size = min(grown, self.capacity) if exists(self.capacity) and end <= self.capacity else grown
