@@ -44,7 +44,6 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.room: tuple[Tensor, Tensor] | None = None
-        self.front: tuple[Tensor, Tensor] | None = None  # the views the last update returned
         self.reservations = 0  # rooms allocated: tests count the work
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -65,7 +64,7 @@ class ReservedLayer(DynamicLayer):
         for room, states in zip(self.room, (key_states, value_states)):
             room.narrow(2, length, end - length).copy_(states)
 
-        self.keys, self.values = self.front = tuple(room.narrow(2, 0, end) for room in self.room)
+        self.keys, self.values = (room.narrow(2, 0, end) for room in self.room)
         return self.keys, self.values
 
     def holds(self, key_states: Tensor, value_states: Tensor, end: int) -> bool:
@@ -73,13 +72,12 @@ class ReservedLayer(DynamicLayer):
         if not exists(self.room) or end > self.room[0].shape[-2]:
             return False
 
-        for room, states, cached, front in zip(self.room, (key_states, value_states), (self.keys, self.values), self.front or (None, None)):
+        for room, states, cached in zip(self.room, (key_states, value_states), (self.keys, self.values)):
             if (room.shape[:2], room.shape[-1], room.dtype, room.device) != (states.shape[:2], states.shape[-1], states.dtype, states.device):
                 return False
 
-            # nothing replaced the views the last update returned (as a crop does), or what did is
-            # still a front view of the room
-            if cached is not front and cached.numel() > 0 and (cached.data_ptr(), cached.shape[:2], cached.stride()) != (room.data_ptr(), room.shape[:2], room.stride()):
+            # a crop keeps a front view of the room; a reorder, a select or an offload does not
+            if cached.numel() > 0 and (cached.data_ptr(), cached.shape[:2], cached.stride()) != (room.data_ptr(), room.shape[:2], room.stride()):
                 return False
 
         return True
