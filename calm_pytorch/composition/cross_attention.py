@@ -91,16 +91,18 @@ class CrossAttentionBlock(Module):
 
         nn.init.zeros_(self.to_out.weight)
 
-    def fold_for(self, keys: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    def fold_for(self, keys: int, appending: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
         """The folded weights (`fold`) where a decoding step over `keys` augment positions, all
         rows together, reads fewer numbers with them, else None (decoding keeps keys and values).
         Folded, a step reads each position's normalised state (c numbers) twice and two folded
         matrices of dim * h * c; otherwise each position's key and value and the query and
-        output projections, all of h * d. It pays where the augment is narrower than the
+        output projections, all of h * d. `appending`: each step also remembers new positions
+        (aligned mode), which otherwise reads the context and key-value projections, c * dim +
+        dim * 2 h d, and folded only the norm. It pays where the augment is narrower than the
         cross-attention (c < h d) and the positions many."""
         dim, dim_context, dim_inner = self.to_q.in_features, self.to_context.in_features, self.to_q.out_features
         folded_reads = 2 * keys * dim_context + 2 * dim * self.heads * dim_context
-        plain_reads = 2 * keys * dim_inner + 2 * dim * dim_inner
+        plain_reads = 2 * keys * dim_inner + 2 * dim * dim_inner + appending * (dim_context * dim + dim * 2 * dim_inner)
         return self.fold() if folded_reads < plain_reads else None
 
     def fold(self) -> tuple[Tensor, Tensor, Tensor]:

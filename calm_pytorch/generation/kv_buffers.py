@@ -31,7 +31,7 @@ class KVBuffer:
 
     def __init__(self, block: CrossAttentionBlock, capacity: int, batch: int):
         self.block, self.capacity = block, capacity
-        self.folded = block.fold_for(batch * capacity)
+        self.folded = block.fold_for(batch * capacity, appending = True)
         self.length = 0
         self.states = None
 
@@ -59,7 +59,7 @@ class RowKeysValues:
         # allocated up front: until a row's text commits a token, every row may have none (the view
         # is then one masked slot)
         self.block = block
-        self.folded = block.fold_for(keys)
+        self.folded = block.fold_for(keys, appending = True)
         self.lengths = [0] * batch
         like = block.to_kv.weight
         self.states = tuple(like.new_zeros((batch, heads, 16, dim)) for heads, dim in block.state_shapes(self.folded))

@@ -81,6 +81,18 @@ def test_folding_is_chosen_only_where_a_step_reads_fewer_numbers():
     memory = wide.remember(torch.randn(2, 5, 64), wide.fold_for(10 ** 6))
     assert [tuple(t.shape) for t in memory] == [(2, 4, 5, 16)] * 2  # keys and values
 
+def test_folding_counts_what_remembering_a_new_position_reads():
+    # aligned mode remembers each step's new positions: kept as keys and values, through the
+    # context and key-value projections (c dim + dim 2 h d more numbers a step), folded through
+    # the norm alone. The benchmark's shape (dim 256, c 128, 8 heads of 64) at batch 1 with
+    # 320 positions: 606,208 numbers folded, 589,824 plain, 884,736 plain and appending
+    block = random_block(dim = 256, dim_context = 128, heads = 8, dim_head = 64)
+    assert block.fold_for(320) is None
+    assert block.fold_for(320, appending = True) is not None
+
+    wide = random_block(dim_context = 64, heads = 4, dim_head = 16)  # c = h d: never pays
+    assert wide.fold_for(10 ** 6, appending = True) is None
+
 @pytest.mark.parametrize('mode', ['aligned', 'context'])
 def test_generation_folds_and_reads_each_position_once(monkeypatch, mode):
     torch.manual_seed(0)
@@ -103,6 +115,6 @@ def test_generation_folds_and_reads_each_position_once(monkeypatch, mode):
     assert projected == [prompt.shape[-1] if mode == 'aligned' else 16] * num_blocks
     assert len(folded_steps) == 5 * num_blocks
 
-    monkeypatch.setattr(CrossAttentionBlock, 'fold_for', lambda self, keys: None)
+    monkeypatch.setattr(CrossAttentionBlock, 'fold_for', lambda self, keys, **kwargs: None)
     plain = calm.generate(prompt, max_new_tokens = 6, temperature = 0., **kwargs)
     assert torch.equal(folded, plain)
