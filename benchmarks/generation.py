@@ -22,7 +22,9 @@ the cross-attention's shape `--attn HEADS DIM_HEAD`) with each model's own `gene
 (its own cache, no composition): context mode against the anchor's; aligned mode, and aligned
 across tokenizers, against the anchor's and the augment's times added (the augment then generates
 the augment tokens of the same text). Each of `--reps` rounds runs every model once; the ratio is
-printed of the best times, and as the median of the rounds' own ratios.
+printed of the best times, and as the median of the rounds' own ratios; and, for the same
+compositions with a cross-attention of one head of one number, the median ratio: what the
+composition costs besides the attention's own reads.
 The prompt is a quarter of the total length, the context (context mode) is the prompt itself.
 (c) and (d) recompute everything, so a step costs more the longer the sequence: their rates are
 the mean over `--uncached-samples` steps timed at evenly spaced lengths (a full run at 1024 tokens
@@ -328,17 +330,24 @@ def hf_main(args):
     text_augment = hf_llama(len(augment_tokenizer), 128, 4)
     bare_anchor, bare_augment, bare_text_augment = copied(anchor), copied(augment), copied(text_augment)
 
-    attn = dict(attn_kwargs = dict(heads = args.attn[0], dim_head = args.attn[1])) if args.attn else dict()
-    calms = {
-        'context': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
-        'aligned': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
-        'across tokenizers': trained_away(CALM(anchor, AugmentParams(model = text_augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer, **attn)),
-    }
+    def compositions(anchor, augment, text_augment, **attn) -> dict[str, nn.Module]:
+        return {
+            'context': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
+            'aligned': trained_away(CALM(anchor, AugmentParams(model = augment), **attn)),
+            'across tokenizers': trained_away(CALM(anchor, AugmentParams(model = text_augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer, **attn)),
+        }
+
+    calms = compositions(anchor, augment, text_augment, **(dict(attn_kwargs = dict(heads = args.attn[0], dim_head = args.attn[1])) if args.attn else dict()))
+
+    # the same compositions, on copies of the models, with the smallest cross-attention (one head
+    # of one number): all of the composition's work but the attention's own, which the
+    # difference of the two ratios shows
+    tiny_calms = compositions(copied(anchor), copied(augment), copied(text_augment), attn_kwargs = dict(heads = 1, dim_head = 1))
 
     print(f'# torch {torch.__version__}, transformers {__import__("transformers").__version__}, {platform.processor() or platform.machine()}, '
           f'{torch.get_num_threads()} thread(s), anchor width {args.anchor[0]} depth {args.anchor[1]}, {prompt_len} prompt + {num_new} new tokens, greedy, cross-attention {calms["context"].cross_attns[0][0].heads} heads of {calms["context"].cross_attns[0][0].to_q.out_features // calms["context"].cross_attns[0][0].heads}, {args.malloc}')
-    print('| mode | batch | ratio of the bests | median ratio of the rounds | goal | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) | anchor own generate, static cache (tok/s) |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('| mode | batch | ratio of the bests | median ratio of the rounds | goal | median ratio, cross-attention of 1 head of 1 | CALM (tok/s) | anchor own generate (tok/s) | augment own generate (tok/s) | anchor own generate, static cache (tok/s) |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
 
     for batch in args.batches:
         prompt = anchor_ids[:prompt_len].expand(batch, -1)
@@ -363,16 +372,19 @@ def hf_main(args):
             'anchor static': own(bare_anchor, prompt, num_new, cache_implementation = 'static'),
             'augment': own(bare_augment, prompt, num_new),
             'text augment': own(bare_text_augment, augment_prompt.expand(batch, -1), augment_new),
-            **{mode: composed(mode, calm) for mode, calm in calms.items()}
+            **{mode: composed(mode, calm) for mode, calm in calms.items()},
+            **{f'{mode}, tiny': composed(mode, calm) for mode, calm in tiny_calms.items()}
         }
 
         # interleaved, one run of each per round: drifting machine load hits the baselines and
-        # the compositions alike. The ratio of the bests, and the median of each round's ratio,
-        # which a single lucky run cannot move
+        # the compositions alike. In an order rotated each round: a run after another model's
+        # finds its own weights colder, measured 1 to 2% slower at batch 1. The ratio of the
+        # bests, and the median of each round's ratio, which a single lucky run cannot move
         rounds = {name: [] for name in runs}
-        for _ in range(args.reps):
-            for name, run in runs.items():
-                rounds[name].append(timed(run, 1))
+        names = list(runs)
+        for r in range(args.reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rounds[name].append(timed(runs[name], 1))
 
         seconds = {name: min(times) for name, times in rounds.items()}
 
@@ -380,14 +392,16 @@ def hf_main(args):
             baselines = ['anchor'] if mode == 'context' else ['anchor', 'augment' if mode == 'aligned' else 'text augment']
             goal = 0.8 if mode == 'across tokenizers' else 0.9
             ratio = sum(seconds[name] for name in baselines) / seconds[mode]
-            per_round = sorted(sum(rounds[name][r] for name in baselines) / rounds[mode][r] for r in range(args.reps))
-            median = (per_round[(args.reps - 1) // 2] + per_round[args.reps // 2]) / 2
+
+            def median_ratio(composition: str) -> float:
+                per_round = sorted(sum(rounds[name][r] for name in baselines) / rounds[composition][r] for r in range(args.reps))
+                return (per_round[(args.reps - 1) // 2] + per_round[args.reps // 2]) / 2
 
             augment_cell = '-'
             if mode != 'context':
                 augment_cell = f'{batch * (num_new if mode == "aligned" else augment_new) / seconds[baselines[1]]:.1f}'
 
-            print(f'| {mode} | {batch} | {ratio:.2f} | {median:.2f} | >= {goal} | {batch * num_new / seconds[mode]:.1f} | {batch * num_new / seconds["anchor"]:.1f} | {augment_cell} | {batch * num_new / seconds["anchor static"]:.1f} |', flush = True)
+            print(f'| {mode} | {batch} | {ratio:.2f} | {median_ratio(mode):.2f} | >= {goal} | {median_ratio(mode + ", tiny"):.2f} | {batch * num_new / seconds[mode]:.1f} | {batch * num_new / seconds["anchor"]:.1f} | {augment_cell} | {batch * num_new / seconds["anchor static"]:.1f} |', flush = True)
 
 if __name__ == '__main__':
     main()
