@@ -47,8 +47,10 @@ class ReservedLayer(DynamicLayer):
         self.reservations = 0  # rooms allocated: tests count the work
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        # writing in place would break the graph of a backward pass through earlier steps
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        # writing in place would break the graph of a backward pass through earlier steps; and
+        # torch.compile cannot trace the room's bookkeeping (it compares data pointers): a
+        # compiled forward concatenates, as transformers' own layer does
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)):
             return super().update(key_states, value_states, *args, **kwargs)
 
         if not self.is_initialized:

@@ -66,3 +66,34 @@ def test_a_compiled_anchor_decodes_composed_compiling_once_per_shape(setup):
     assert graphs <= 4
     assert torch.equal(logits, eager)
     assert not torch.equal(logits, greedy(anchor, input_ids))
+
+def test_calm_generate_with_hugging_face_s_compiled_forward_compiles_once_per_shape():
+    # `anchor.forward = torch.compile(anchor.forward)` is how transformers documents compiling
+    # for generation; calm.generate then decodes the anchor through the compiled forward, whose
+    # cache must be traceable (the reserved room's bookkeeping is not: it concatenates there)
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    anchor, augment = llama(depth = 2).eval(), llama(depth = 2).eval()
+    calm = CALM(anchor, AugmentParams(model = augment, connections = ((1, 1), (2, 2))), attn_kwargs = dict(heads = 2, dim_head = 16))
+
+    with torch.no_grad():
+        for param in calm.cross_attns.parameters():
+            param.normal_(std = 0.5)
+
+    prompt = torch.randint(3, 100, (2, 5))
+    eager = calm.generate(prompt, max_new_tokens = STEPS + 1, temperature = 0.)
+    own = anchor.generate(prompt, attention_mask = torch.ones_like(prompt), max_new_tokens = STEPS + 1, do_sample = False, eos_token_id = None)
+    assert not torch.equal(eager, own[:, 5:])  # the composition changes the tokens
+
+    counter = CompileCounterWithBackend('eager')
+    anchor.forward = torch.compile(anchor.forward, backend = counter, fullgraph = True)
+
+    try:
+        compiled = calm.generate(prompt, max_new_tokens = STEPS + 1, temperature = 0.)
+        graphs = counter.frame_count
+        again = calm.generate(prompt, max_new_tokens = STEPS + 1, temperature = 0.)
+    finally:
+        torch._dynamo.reset()
+
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert graphs <= 4 and counter.frame_count == graphs  # the prompt, the first step, then any length
