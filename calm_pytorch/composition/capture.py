@@ -27,6 +27,7 @@ class RecordingState(PerThread):
         self.recording: dict[LayerKey, list[Tensor]] | None = None
         self.positions: dict[tuple, int] = {}  # hidden positions each site has returned in this forward
         self.expected_len: int | None = None
+        self.traced = False  # torch.compile traces the caller: a stop raised inside is caught inside
 
 class HiddenRecorder:
     def __init__(
@@ -83,8 +84,12 @@ class HiddenRecorder:
 
         # torch.export's default (non-strict) tracer keeps a stack of the modules it is inside and
         # fails when an exception unwinds through them: while exporting, the augment runs to its
-        # end (as it does in a strict export's graph)
-        if site_key == self.stop_site and self.stop_early and self.should_stop(call) and not torch.compiler.is_exporting():
+        # end (as it does in a strict export's graph). So does an augment compiled on its own
+        # (`augment.forward = torch.compile(...)`), called by an eager composition: a stop would
+        # leave its graph by an exception, an error with fullgraph = True, a recompile per call without
+        compiled_alone = torch.compiler.is_compiling() and not call.traced
+
+        if site_key == self.stop_site and self.stop_early and self.should_stop(call) and not torch.compiler.is_exporting() and not compiled_alone:
             raise StopForward
 
     def should_stop(self, call: RecordingState) -> bool:
@@ -108,6 +113,7 @@ class HiddenRecorder:
 
         call = self.call
         call.recording, call.positions, call.expected_len = defaultdict(list), {}, expected_len
+        call.traced = torch.compiler.is_compiling()
 
         try:
             run()

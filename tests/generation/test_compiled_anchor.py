@@ -67,10 +67,12 @@ def test_a_compiled_anchor_decodes_composed_compiling_once_per_shape(setup):
     assert torch.equal(logits, eager)
     assert not torch.equal(logits, greedy(anchor, input_ids))
 
-def test_calm_generate_with_hugging_face_s_compiled_forward_compiles_once_per_shape():
-    # `anchor.forward = torch.compile(anchor.forward)` is how transformers documents compiling
-    # for generation; calm.generate then decodes the anchor through the compiled forward, whose
-    # cache must be traceable (the reserved room's bookkeeping is not: it concatenates there)
+@pytest.mark.parametrize('compiled_model', ['anchor', 'augment'])
+def test_calm_generate_with_hugging_face_s_compiled_forward_compiles_once_per_shape(compiled_model):
+    # `model.forward = torch.compile(model.forward)` is how transformers documents compiling for
+    # generation; calm.generate then decodes through the compiled forward, whose cache must be
+    # traceable (the reserved room's bookkeeping is not: it concatenates there), and an augment
+    # compiled alone runs to its end (stopping it early would leave its graph by an exception)
     torch.manual_seed(0)
     torch._dynamo.reset()
     anchor, augment = llama(depth = 2).eval(), llama(depth = 2).eval()
@@ -86,7 +88,8 @@ def test_calm_generate_with_hugging_face_s_compiled_forward_compiles_once_per_sh
     assert not torch.equal(eager, own[:, 5:])  # the composition changes the tokens
 
     counter = CompileCounterWithBackend('eager')
-    anchor.forward = torch.compile(anchor.forward, backend = counter, fullgraph = True)
+    model = anchor if compiled_model == 'anchor' else augment
+    model.forward = torch.compile(model.forward, backend = counter, fullgraph = True)
 
     try:
         compiled = calm.generate(prompt, max_new_tokens = STEPS + 1, temperature = 0.)
