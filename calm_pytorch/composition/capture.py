@@ -82,15 +82,18 @@ class HiddenRecorder:
 
         call.positions[site_key] = call.positions.get(site_key, 0) + hidden.shape[-2]
 
+        if site_key != self.stop_site or not self.stop_early or not self.should_stop(call):
+            return
+
         # torch.export's default (non-strict) tracer keeps a stack of the modules it is inside and
         # fails when an exception unwinds through them: while exporting, the augment runs to its
         # end (as it does in a strict export's graph). So does an augment compiled on its own
         # (`augment.forward = torch.compile(...)`), called by an eager composition: a stop would
         # leave its graph by an exception, an error with fullgraph = True, a recompile per call without
-        compiled_alone = torch.compiler.is_compiling() and not call.traced
+        if torch.compiler.is_exporting() or (torch.compiler.is_compiling() and not call.traced):
+            return
 
-        if site_key == self.stop_site and self.stop_early and self.should_stop(call) and not torch.compiler.is_exporting() and not compiled_alone:
-            raise StopForward
+        raise StopForward
 
     def should_stop(self, call: RecordingState) -> bool:
         if call.expected_len is None:
