@@ -13,10 +13,11 @@ from typing import Any, Callable
 import torch
 from beartype import BeartypeConf, beartype
 
-# a type violation at the public boundary is a TypeError naming the parameter,
-# so users can catch it like any other bad argument
+# a type violation at the public boundary is a TypeError naming the parameter, so users can catch
+# it like any other bad argument. An int is taken where a float is asked (PEP 484's numeric
+# tower): `temperature = 0` is as good as `0.`
 
-check_types = beartype(conf = BeartypeConf(violation_param_type = TypeError))
+check_types = beartype(conf = BeartypeConf(violation_param_type = TypeError, is_pep484_tower = True))
 
 def typecheck(fn: Callable) -> Callable:
     checked = check_types(fn)

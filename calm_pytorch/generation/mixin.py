@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from functools import wraps
 from typing import Any
 
 import torch
@@ -15,10 +16,26 @@ from calm_pytorch.generation.prompts import check_total_length, new_token_count,
 from calm_pytorch.generation.sampling import check_sampling
 from calm_pytorch.helpers import exists, typecheck
 
+def ends_its_streamer(generate: Callable) -> Callable:
+    """`generate` calls its streamer's `end()` however it returns, even when an argument is refused
+    before the first token (the type check included, which runs before its body): a reader in
+    another thread then never waits forever."""
+
+    @wraps(generate)
+    def inner(*args, streamer: Any = None, **kwargs):
+        try:
+            return generate(*args, streamer = streamer, **kwargs)
+        finally:
+            if callable(getattr(streamer, 'end', None)):
+                streamer.end()
+
+    return inner
+
 class GenerationMixin:
     """Mixin giving CALM its two ways to generate: its own decoding loop (`generate`), and the
     anchor's own `generate()` composed (`composed`)."""
 
+    @ends_its_streamer
     @torch.no_grad()
     @typecheck
     def generate(
@@ -86,29 +103,24 @@ class GenerationMixin:
         if exists(streamer) and not (callable(getattr(streamer, 'put', None)) and callable(getattr(streamer, 'end', None))):
             raise TypeError(f'`streamer` must have `put(tokens)` and `end()` methods, as Hugging Face\'s streamers do; got {type(streamer).__name__}')
 
-        try:
-            return generate(
-                self,
-                prompt,
-                prompt_mask,
-                num_new,
-                augment_prompts = augment_prompts,
-                augment_prompt_masks = augment_prompt_masks,
-                temperature = temperature,
-                filter_fn = filter_fn,
-                top_k = top_k,
-                top_p = top_p,
-                min_p = min_p,
-                eos_id = eos_id,
-                pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
-                use_cache = use_cache,
-                show_progress = show_progress,
-                streamer = streamer
-            )
-        finally:
-            # even after an error, so that a reader in another thread never waits forever
-            if exists(streamer):
-                streamer.end()
+        return generate(
+            self,
+            prompt,
+            prompt_mask,
+            num_new,
+            augment_prompts = augment_prompts,
+            augment_prompt_masks = augment_prompt_masks,
+            temperature = temperature,
+            filter_fn = filter_fn,
+            top_k = top_k,
+            top_p = top_p,
+            min_p = min_p,
+            eos_id = eos_id,
+            pad_id = pad_id if exists(pad_id) else max(self.pad_id, 0),
+            use_cache = use_cache,
+            show_progress = show_progress,
+            streamer = streamer
+        )
 
     @typecheck
     def composed(

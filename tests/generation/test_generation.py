@@ -161,6 +161,14 @@ def test_continues_with_the_next_token(plus_one, use_cache):
     new = plus_one.generate(torch.tensor([[10, 11, 12]]), seq_len = 8, temperature = 0., use_cache = use_cache)
     assert new.tolist() == [[13, 14, 15, 16, 17]]
 
+def test_an_int_temperature_is_a_temperature(plus_one):
+    # the docs' "temperature = 0 is greedy", as users write it: an int where a float is asked
+    seq = torch.tensor([[10, 11, 12]])
+    assert torch.equal(plus_one.generate(seq, seq_len = 8, temperature = 0), plus_one.generate(seq, seq_len = 8, temperature = 0.))
+
+    with pytest.raises(TypeError, match = 'temperature'):
+        plus_one.generate(seq, seq_len = 8, temperature = '0')
+
 def test_eos_ends_a_row_with_padding_and_stops_when_all_rows_are_done(plus_one):
     steps = []
     new = plus_one.generate(

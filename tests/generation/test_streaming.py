@@ -147,14 +147,38 @@ def test_calm_generate_streams_its_tokens_to_hugging_face_streamers(setup):
     assert ''.join(text) == tokenizer.decode(expected[0])
     worker.join()
 
-def test_the_streamer_ends_even_when_generation_fails(setup):
-    calm, _, _, input_ids, _, _ = setup
+@pytest.mark.parametrize('refused, error', [
+    (dict(prompt = torch.full((1, 3), 10**6)), ValueError),  # while decoding
+    (dict(max_new_tokens = 10**6), ValueError),               # longer than the anchor: before any token
+    (dict(top_p = 1.5), ValueError),
+    (dict(temperature = 'hot'), TypeError),                   # by the type check, before the body
+])
+def test_the_streamer_ends_even_when_generation_fails(setup, refused, error):
+    calm, _, tokenizer, input_ids, _, _ = setup
     tokens = Tokens()
 
-    with pytest.raises(ValueError):
-        calm.generate(input_ids, max_new_tokens = 4, prompt = torch.full((1, 3), 10**6), streamer = tokens)
+    with pytest.raises(error):
+        calm.generate(input_ids, **{'max_new_tokens': 4, **refused}, streamer = tokens)
 
     assert tokens.ended
+
+    # Hugging Face's pattern: the reader in the caller's thread finishes, instead of waiting forever
+    text, errors = TextIteratorStreamer(tokenizer, skip_prompt = True, timeout = 60), []
+
+    def run():
+        try:
+            calm.generate(input_ids, **{'max_new_tokens': 4, **refused}, streamer = text)
+        except error as refusal:
+            errors.append(refusal)
+
+    worker = threading.Thread(target = run)
+    worker.start()
+    assert ''.join(text) == ''
+    worker.join()
+    assert len(errors) == 1
+
+def test_a_streamer_without_put_is_refused(setup):
+    calm, _, _, input_ids, _, _ = setup
 
     with pytest.raises(TypeError, match = 'put'):
         calm.generate(input_ids, max_new_tokens = 4, streamer = print)
