@@ -150,7 +150,9 @@ class ContextsForBatch:
             role.composed = role.started_inside = self.claims(module, threading.current_thread())
 
         if not role.composed:
-            if exists(self.started_inside):
+            # whether those threads have ended reads their locks, which torch.compile cannot
+            # trace: a compiled call leaves the check to the next eager one
+            if exists(self.started_inside) and not torch.compiler.is_compiling():
                 self.release_if_done()
             return None
 

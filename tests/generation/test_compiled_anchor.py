@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 import torch
@@ -100,3 +101,28 @@ def test_calm_generate_with_hugging_face_s_compiled_forward_compiles_once_per_sh
 
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
     assert graphs <= 4 and counter.frame_count == graphs  # the prompt, the first step, then any length
+
+def test_a_compiled_anchor_in_a_second_block_while_a_thread_of_the_first_lives(setup):
+    # a thread started inside a block keeps its hooks on the anchor while it lives (torch.compile
+    # itself may start one, such as tqdm's monitor); the next block's compiled calls go through
+    # those hooks too, which must not hand dynamo their check for ended threads (a lock)
+    calm, anchor, input_ids, document = setup
+    counter = CompileCounterWithBackend('eager')
+    compiled = torch.compile(anchor, backend = counter, fullgraph = True)
+    release = threading.Event()
+
+    with calm.composed(document) as composed:
+        eager = greedy(composed, input_ids)
+        lingering = threading.Thread(target = release.wait)
+        lingering.start()
+
+    try:
+        for _ in range(2):
+            with calm.composed(document):
+                assert torch.equal(greedy(compiled, input_ids), eager)
+    finally:
+        release.set()
+        lingering.join()
+
+    greedy(anchor, input_ids)  # an eager call once the thread has ended removes the first block's hooks
+    assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
