@@ -84,6 +84,7 @@ class ContextsForBatch:
         self.opener = threading.current_thread()
         self.running_before = set(threading.enumerate())
         self.started_inside: set[threading.Thread] | None = None  # known once the block closes
+        self.closed = False
         self.handles: list = []
 
     def __getstate__(self):
@@ -146,6 +147,9 @@ class ContextsForBatch:
     def __call__(self, module: Module, args: tuple, kwargs: dict | None = None):
         role = self.role
 
+        if self.closed and role.composed and not role.started_inside:
+            self.reset_opener()
+
         if role.composed is None:
             role.composed = role.started_inside = self.claims(module, threading.current_thread())
 
@@ -177,11 +181,32 @@ class ContextsForBatch:
             call.contexts = None if self.role.started_inside else self.by_batch[self.batch]
 
     def close(self):
-        # in the opener, on exit: the opener is plain again; threads started inside keep the composition
-        self.role.composed = False
+        # on exit: the opener is plain again; threads started inside keep the composition. The
+        # opener's state is its thread's own: a block exited by another thread (an ExitStack
+        # handed over) resets it at the opener's next anchor call or `composed(...)`, and keeps
+        # the hooks until then
+        self.closed = True
+        by_opener = threading.current_thread() is self.opener
         self.started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
         self.running_before = set()
+
+        if by_opener:
+            self.role.composed = False
+            self.injector.call.contexts = None
+        else:
+            self.started_inside.add(self.opener)
+
         self.release_if_done()
+
+    def reset_opener(self):
+        # in the opener, once another thread has exited its block
+        self.role.composed = False
+        call = self.injector.call
+
+        if exists(call.contexts) and self.owns(call.contexts):
+            call.contexts = None
+
+        self.started_inside.discard(self.opener)
 
     def release_if_done(self):
         if not any(thread.is_alive() for thread in self.started_inside):
@@ -197,6 +222,11 @@ def composed_anchor(
     check_usable(calm)
 
     call = calm.injector.call
+    model = calm.anchor_adapter.model
+
+    for hook in list(model._forward_pre_hooks.values()):
+        if isinstance(hook, ContextsForBatch) and hook.closed and hook.opener is threading.current_thread():
+            hook.reset_opener()  # its block was exited by another thread
 
     if exists(call.contexts):
         raise RuntimeError('the anchor is already composed: `composed(...)` blocks cannot be nested or entered during a CALM forward')
@@ -225,7 +255,6 @@ def composed_anchor(
 
     set_contexts = ContextsForBatch(calm, contexts)
     # on the model the adapter calls: a PEFT wrapper's generate() calls its base model, not itself
-    model = calm.anchor_adapter.model
     set_contexts.handles = [
         model.register_forward_pre_hook(set_contexts, with_kwargs = True, prepend = True),
         model.register_forward_hook(set_contexts.after, always_call = True)
@@ -236,4 +265,3 @@ def composed_anchor(
         yield calm.anchor
     finally:
         set_contexts.close()
-        call.contexts = None

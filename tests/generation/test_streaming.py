@@ -191,3 +191,28 @@ def test_the_anchor_is_copied_and_pickled_inside_a_block(setup):
         copied = pickle.loads(pickle.dumps(copy.deepcopy(composed)))
 
     assert torch.equal(copied(input_ids).logits, anchor(input_ids).logits)
+
+def test_a_block_exited_by_another_thread_leaves_its_opener_plain(setup):
+    # an ExitStack handed to another thread exits the block there: the opener's own state is reset
+    # at its next anchor call, never left composed
+    calm, anchor, _, input_ids, document, expected = setup
+    plain = anchor.generate(input_ids, **GREEDY)
+
+    for next_call in ('anchor', 'composed'):
+        block = calm.composed(document)
+        composed = block.__enter__()
+        assert torch.equal(composed.generate(input_ids, **GREEDY)[:, input_ids.shape[-1]:], expected)
+
+        exiting = threading.Thread(target = block.__exit__, args = (None, None, None))
+        exiting.start()
+        exiting.join()
+
+        if next_call == 'anchor':
+            assert torch.equal(anchor.generate(input_ids, **GREEDY), plain)
+        else:
+            with calm.composed(document) as again:
+                assert torch.equal(again.generate(input_ids, **GREEDY)[:, input_ids.shape[-1]:], expected)
+
+            assert torch.equal(anchor.generate(input_ids, **GREEDY), plain)
+
+        assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
