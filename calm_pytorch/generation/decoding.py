@@ -197,6 +197,11 @@ def generate(
     batch, prompt_len = prompt.shape
     total = prompt_len + num_new
 
+    # no row to continue: transformers models refuse a batch of none. With sharded models every
+    # process runs the same forwards, rows or not
+    if batch == 0 and not Lockstep(calm).enabled:
+        return prompt.new_full((0, num_new), pad_id)
+
     # the sequence and its mask are allocated once; step t reads the first prompt_len + t positions.
     # Padded positions are fed a valid token id (they are masked everywhere)
 

@@ -12,7 +12,7 @@ from torch.nn import Module
 from calm_pytorch.composition.inputs import check_causal_anchor, check_usable, per_augment
 from calm_pytorch.generation.composed_anchor import composed_anchor
 from calm_pytorch.generation.decoding import generate
-from calm_pytorch.generation.prompts import check_total_length, new_token_count, prepare_prompt, renamed_arguments
+from calm_pytorch.generation.prompts import check_eos_id, check_total_length, new_token_count, prepare_prompt, renamed_arguments
 from calm_pytorch.generation.sampling import check_sampling
 from calm_pytorch.helpers import exists, typecheck
 
@@ -94,6 +94,7 @@ class GenerationMixin:
         prompt, prompt_mask = prepare_prompt(self, seq, mask)
         num_new = new_token_count(prompt.shape[-1], seq_len, max_new_tokens)
         check_sampling(temperature, top_k, top_p, min_p)
+        check_eos_id(self, eos_id)
 
         num_augments = len(self.augments)
         augment_prompts = per_augment(augment_prompt, num_augments, 'prompt')

@@ -54,6 +54,13 @@ def prepare_prompt(calm: Composition, prompt: Tensor | Sequence[Tensor], prompt_
     calm.anchor_adapter.check_token_ids(prompt, 'seq', prompt_mask)  # padding is never read
     return prompt, prompt_mask
 
+def check_eos_id(calm: Composition, eos_id: int | None):
+    # an id the anchor can never write would never end a row: generation would run to its length
+    vocab_size = calm.anchor_adapter.vocab_size
+
+    if exists(eos_id) and exists(vocab_size) and not 0 <= eos_id < vocab_size:
+        raise ValueError(f'`eos_id` {eos_id} is outside the anchor\'s vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1}): no row could ever end with it')
+
 def renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_prompt_mask) -> tuple:
     """`generate`'s names agree with the forward's: `seq` / `mask` the anchor's, `prompt` /
     `prompt_mask` the augments'. Until the next minor version the names of 0.1.0 keep working

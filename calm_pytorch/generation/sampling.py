@@ -28,7 +28,28 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     limit = probs.amax(dim = -1, keepdim = True) * min_p
     return logits.masked_fill(probs < limit, float('-inf'))
 
+def checked_filter_output(filtered, logits: Tensor) -> Tensor:
+    # what a user's function returns picks the tokens: a row of another shape would be broadcast
+    # to every row or give ids outside the vocabulary, and a row with no possible token would be
+    # greedy's silent id 0 (a nan, greedy's pick). Two reductions and one device sync per step,
+    # only with a filter_fn
+    if not isinstance(filtered, Tensor) or filtered.shape != logits.shape or not filtered.dtype.is_floating_point:
+        got = f'{type(filtered).__name__} of shape {tuple(filtered.shape)} and dtype {filtered.dtype}' if isinstance(filtered, Tensor) else type(filtered).__name__
+        raise ValueError(f'`filter_fn` must return float logits of the shape it was given, {tuple(logits.shape)} (batch, vocabulary); got {got}')
+
+    unsound = filtered.isnan().any(dim = -1) | (filtered == float('-inf')).all(dim = -1)
+    if bool(unsound.any()):
+        rows = unsound.nonzero().flatten().tolist()
+        raise ValueError(f'`filter_fn` returned logits with a nan, or with every token at -inf, in row(s) {rows}: no token can be chosen there')
+
+    return filtered
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None):
+    # a bool is an int to Python, but `temperature = True` or `top_k = True` is a mistake
+    for name, value in dict(temperature = temperature, top_k = top_k, top_p = top_p, min_p = min_p).items():
+        if isinstance(value, bool):
+            raise TypeError(f'`{name}` must be a number, got {value!r}')
+
     # nan passes every comparison, and inf flattens the distribution to nan probabilities
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f'`temperature` must be a finite number >= 0 (0 is greedy), got {temperature}')
@@ -64,7 +85,7 @@ def sample(
         logits = logits / temperature
 
     if exists(filter_fn):
-        logits = filter_fn(logits)
+        logits = checked_filter_output(filter_fn(logits), logits)
 
     if exists(top_k):
         logits = top_k_filter(logits, top_k)

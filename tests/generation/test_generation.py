@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from conftest import NUM_TOKENS, decoder, tokens
+from hf_models import llama
 from torch import nn
 
 from calm_pytorch import CALM, AugmentParams, CrossAttentionBlock
@@ -298,3 +299,49 @@ def test_generate_names_the_anchor_tokens_seq_and_the_augments_input_prompt():
 
     with pytest.raises(TypeError, match = r"needs the anchor's tokens"):
         calm.generate(max_new_tokens = 4)
+
+# what a user hands generate is checked where it would otherwise decide tokens silently
+
+def test_what_filter_fn_returns_is_checked():
+    calm = composition(1)
+    seq = tokens(length = 6)
+    generate = lambda filter_fn, **kwargs: calm.generate(seq, max_new_tokens = 3, filter_fn = filter_fn, **kwargs)
+
+    # one row for the batch would be broadcast to every row; a wider row gives ids past the vocabulary
+    for wrong in (lambda logits: logits[0], lambda logits: torch.cat((logits, logits[:, :1]), dim = -1), lambda logits: logits.argmax(-1)):
+        with pytest.raises(ValueError, match = r'`filter_fn` must return float logits of the shape it was given, \(2, 256\)'):
+            generate(wrong, temperature = 0.)
+
+    no_token = lambda logits: torch.full_like(logits, float('-inf'))
+    with_nan = lambda logits: logits.index_fill(-1, torch.tensor([5]), float('nan'))
+
+    for unsound in (no_token, with_nan):
+        for temperature in (0., 1.):
+            with pytest.raises(ValueError, match = r'`filter_fn` returned logits with a nan, or with every token at -inf, in row\(s\) \[0, 1\]'):
+                generate(unsound, temperature = temperature)
+
+    only_five = lambda logits: torch.full_like(logits, float('-inf')).index_fill(-1, torch.tensor([5]), 0.)
+    assert (generate(only_five, temperature = 1.) == 5).all()
+
+def test_an_eos_id_outside_the_vocabulary_is_refused():
+    calm = composition(1)
+
+    for eos_id in (-1, NUM_TOKENS):
+        with pytest.raises(ValueError, match = rf'`eos_id` {eos_id} is outside the anchor\'s vocabulary of {NUM_TOKENS} tokens'):
+            calm.generate(tokens(), max_new_tokens = 2, eos_id = eos_id)
+
+def test_bools_are_not_sampling_settings():
+    calm = composition(1)
+
+    for setting in ('temperature', 'top_k', 'top_p', 'min_p'):
+        with pytest.raises(TypeError, match = f'`{setting}` must be a number, got True'):
+            calm.generate(tokens(), max_new_tokens = 2, **{setting: True})
+
+def test_a_batch_of_no_rows_gives_no_rows_whatever_the_anchor():
+    # transformers models refuse a batch of none; x-transformers ones take it
+    for anchor in (decoder(dim = 32, depth = 2), llama(depth = 2)):
+        calm = untrained_away(CALM(anchor, AugmentParams(model = decoder(dim = 24, depth = 2))))
+        empty = torch.zeros((0, 5), dtype = torch.long)
+
+        for use_cache in (True, False):
+            assert calm.generate(empty, max_new_tokens = 3, use_cache = use_cache, pad_id = 7).shape == (0, 3)
