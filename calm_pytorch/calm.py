@@ -239,7 +239,8 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         prompt:      None for aligned mode (each augment reads `seq`), or a context for every
                      augment: one tensor, or one per augment (None there means aligned)
         prompt_mask: (b, m) True for real context positions, one or one per augment
-        mask:        (b, n) True for real tokens of `seq`; masked labels are ignored by the loss
+        mask:        (b, n) True for real tokens of `seq`; the loss ignores masked labels, and labels predicted
+                     from a masked position (the first token of a left-padded row)
         labels:      (b, n) the loss's targets, as in Hugging Face: aligned with `seq` (shifted
                      here), -100 where no loss is wanted; given them, only they choose the
                      predicted tokens (`mask` and `pad_id` no longer do): an answer-only loss is

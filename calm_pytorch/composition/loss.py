@@ -12,13 +12,16 @@ IGNORE = -100
 
 def shift_for_next_token(seq: Tensor, mask: Tensor | None, pad_id: int) -> tuple[Tensor, Tensor | None, Tensor]:
     """seq (b, n) -> the anchor's inputs (b, n - 1), their mask, and the next-token labels
-    (b, n - 1), IGNORE where the label is masked or equal to `pad_id`."""
+    (b, n - 1), IGNORE where the label is masked or equal to `pad_id`, or is predicted from a
+    masked position."""
 
     inputs, labels = seq[:, :-1], seq[:, 1:]
 
     if exists(mask):
         mask = mask.bool()
-        labels = labels.masked_fill(~mask[:, 1:], IGNORE)
+        # a left-padded row's first token would be predicted from padding: alone, it is predicted
+        # from nothing and has no label
+        labels = labels.masked_fill(~(mask[:, 1:] & mask[:, :-1]), IGNORE)
         mask = mask[:, :-1]
 
     return inputs, mask, labels.masked_fill(labels == pad_id, IGNORE)

@@ -3,8 +3,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from conftest import tokens
+from hf_models import llama
 
-from calm_pytorch import CALM
+from calm_pytorch import CALM, AugmentParams, CrossAttentionBlock
 
 def trained(calm, steps = 5, **kwargs):
     # a few steps so the cross-attention output is no longer zero
@@ -70,6 +71,24 @@ def test_loss_ignores_masked_and_pad_labels(anchor, augment):
 
     # without the mask, pad_id alone excludes the same labels
     assert torch.allclose(calm(seq), F.cross_entropy(calm(seq[:, :-1], return_loss = False)[:, :6].reshape(-1, 256), seq[:, 1:7].reshape(-1)))
+
+def test_a_left_padded_batch_has_the_loss_of_its_rows_alone():
+    # the first real token of a left-padded row is predicted from padding: it has no label, as
+    # the first token of the row alone has none. (transformers models: their positions count the
+    # real tokens; x-transformers ones shift a left-padded row's absolute positions in a forward)
+    calm = CALM(llama(depth = 2), AugmentParams(model = llama(depth = 2), connections = ((1, 1), (2, 2))))
+
+    with torch.no_grad():
+        for block in calm.cross_attns.modules():
+            if isinstance(block, CrossAttentionBlock):
+                block.to_out.weight.normal_(std = 0.3)
+
+    rows = [torch.randint(3, 100, (length,)) for length in (10, 6, 3)]
+    seq = torch.stack([F.pad(row, (10 - len(row), 0), value = 7) for row in rows])
+    mask = torch.stack([F.pad(torch.ones_like(row, dtype = torch.bool), (10 - len(row), 0), value = False) for row in rows])
+
+    alone = torch.stack([calm(row[None]) * (len(row) - 1) for row in rows]).sum() / sum(len(row) - 1 for row in rows)
+    torch.testing.assert_close(calm(seq, mask = mask), alone)
 
 def test_augment_receives_the_padding_mask(anchor, augment):
     seen = {}
