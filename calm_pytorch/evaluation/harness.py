@@ -223,7 +223,8 @@ class CALMEvalModel(TemplateLM):
         for context, continuation in (request.args for request in requests):
             if context == '':
                 continuation_enc = self.tok_encode(continuation, add_special_tokens = False)
-                context_enc, continuation_enc = ([self.prefix_token_id], continuation_enc) if self.prefix_token_id != continuation_enc[0] else (continuation_enc[:1], continuation_enc[1:])
+                starts_with_prefix = len(continuation_enc) > 0 and continuation_enc[0] == self.prefix_token_id
+                context_enc, continuation_enc = (continuation_enc[:1], continuation_enc[1:]) if starts_with_prefix else ([self.prefix_token_id], continuation_enc)
             else:
                 context_enc, continuation_enc = self._encode_pair(context, continuation)
 
@@ -271,6 +272,14 @@ class CALMEvalModel(TemplateLM):
         before, and whether each of them was the argmax. Longest first in batches of `batch_size`."""
 
         results: list[tuple[float, bool] | None] = [None] * len(sequences)
+
+        for tokens, count in zip(sequences, num_scored):
+            if count > self.max_length:
+                raise ValueError(
+                    f'a continuation of {count} tokens cannot be scored within max_length = {self.max_length} '
+                    f'(the model reads at most max_length tokens before each one it scores); raise max_length or shorten the continuation'
+                )
+
         order = sorted(range(len(sequences)), key = lambda index: -len(sequences[index]))
 
         for start in range(0, len(order), self.batch_size):
@@ -286,6 +295,11 @@ class CALMEvalModel(TemplateLM):
 
             for row, index in enumerate(batch):
                 count, length = num_scored[index], len(inputs[row])
+
+                if count == 0:
+                    results[index] = (0., True)  # the log-probability of no tokens; none of them missed
+                    continue
+
                 targets = torch.tensor(sequences[index][-count:], device = logprobs.device)
                 scored = logprobs[row, length - count:length]
 
@@ -317,13 +331,15 @@ class CALMEvalModel(TemplateLM):
 
             until = handle_stop_sequences(settings.pop('until', None), eos = eos)
             max_new = settings.pop('max_gen_toks')
-            sampling = dict(temperature = float(settings['temperature']) if settings.get('do_sample') else 0.)
+            # lm_eval leaves out a temperature the task does not set: sampling then draws at 1, as transformers' generate
+            sampling = dict(temperature = float(settings.get('temperature', 1.)) if settings.get('do_sample') else 0.)
             sampling |= {key: settings[key] for key in ('top_k', 'top_p', 'min_p') if exists(settings.get(key)) and settings.get('do_sample')}
 
             if max_new >= self.max_length:
                 raise ValueError(f'max_gen_toks = {max_new} leaves no room for a context within max_length = {self.max_length}')
 
-            encoded = {index: self.tok_encode(requests[index].args[0])[-(self.max_length - max_new):] for index in indices}
+            # an empty context starts from the prefix token, as loglikelihood's does
+            encoded = {index: self.tok_encode(requests[index].args[0])[-(self.max_length - max_new):] or [self.prefix_token_id] for index in indices}
             ordered = sorted(indices, key = lambda index: -len(encoded[index]))
 
             for start in range(0, len(ordered), self.batch_size):

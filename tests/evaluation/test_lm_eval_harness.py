@@ -145,6 +145,37 @@ def test_generation_reads_the_left_padding_mask(composition):
         new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
         assert text == tokenizer.decode(new, skip_special_tokens = True).split('\n')[0]
 
+def test_empty_and_too_long_requests(composition):
+    calm, tokenizer = composition
+    model = CALMEvalModel(calm, tokenizer = tokenizer, max_length = 32)
+
+    # nothing to score: the log-probability of no tokens, and none of them missed
+    assert model.loglikelihood([request('loglikelihood', ('the cat sat', ''), {}), request('loglikelihood', ('', ''), {}, 1)]) == [(0., True), (0., True)]
+
+    with pytest.raises(ValueError, match = r'a continuation of \d+ tokens cannot be scored within max_length = 32'):
+        model.loglikelihood([request('loglikelihood', ('the', ' cat' * 40), {})])
+
+    # an empty context starts from the prefix token, as in loglikelihood
+    settings = dict(until = ['\n'], max_gen_toks = 4, do_sample = False)
+    text, = model.generate_until([request('generate_until', ('', settings), {})])
+    new = calm.generate(torch.tensor([[model.prefix_token_id]]), max_new_tokens = 4, temperature = 0., eos_id = tokenizer.eos_token_id).tolist()[0]
+    new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    assert text == tokenizer.decode(new, skip_special_tokens = True).split('\n')[0]
+
+def test_sampling_without_a_temperature_draws_at_one(composition):
+    # lm_eval leaves out a temperature the task does not set
+    calm, tokenizer = composition
+    model = CALMEvalModel(calm, tokenizer = tokenizer)
+    prompt = QUESTIONS[0]['question']
+
+    torch.manual_seed(3)
+    text, = model.generate_until([request('generate_until', (prompt, dict(until = ['\n'], max_gen_toks = 6, do_sample = True)), {})])
+
+    torch.manual_seed(3)
+    new = calm.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens = 6, temperature = 1., eos_id = tokenizer.eos_token_id).tolist()[0]
+    new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    assert text == tokenizer.decode(new, skip_special_tokens = True).split('\n')[0]
+
 def test_context_mode_reads_the_document_field(composition):
     calm, tokenizer = composition
     docs = QUESTIONS[:3]
