@@ -27,6 +27,7 @@ from calm_pytorch.training.schedule import Schedule, warmup_then
 from calm_pytorch.training.sharded_loading import shard_and_load
 from calm_pytorch.training.step_checkpoints import (
     COMPOSITION_FILE,
+    checkpoints,
     latest_checkpoint,
     load_training_state,
     rng_state,
@@ -249,6 +250,16 @@ class FineTuner:
                 self.load_checkpoint(path)
             elif self.distributed.is_main:
                 print(f'no checkpoint in {self.checkpoint_dir} to resume from: training starts at step 0')
+
+        # checkpoints past the step this run starts at are another run's (or a future this run
+        # abandons): its own would mix with them, and `resume = True` would later pick theirs
+        later = [step for step, _ in checkpoints(self.checkpoint_dir) if step > self.step] if exists(self.checkpoint_dir) else []
+
+        if len(later) > 0:
+            raise ValueError(
+                f'checkpoint_dir {self.checkpoint_dir} holds checkpoints of steps {later}, past the step this run starts at ({self.step}): '
+                'resume from the latest (resume = True), or write to another checkpoint_dir, or remove them first'
+            )
 
     @property
     def samples_per_step(self) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from calm_pytorch.checkpoints.atomic import publish_dir, temporary_dir_beside
+from calm_pytorch.checkpoints.file_format import CheckpointError
 from calm_pytorch.checkpoints.pretrained import COMPOSITION_FILE
 
 # a training checkpoint is a directory `step-00000100/` under the checkpoint root:
@@ -57,8 +58,10 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, calm, state: di
         shutil.rmtree(tmp, ignore_errors = True)
         raise
 
+    # pruned among this step and those before it: a later step's directory is not this run's
+    # (FineTuner refuses to start below one), and never goes first
     if keep_last is not None:
-        for _, old in checkpoints(root)[:-keep_last]:
+        for _, old in [(found, old) for found, old in checkpoints(root) if found <= step][:-keep_last]:
             shutil.rmtree(old, ignore_errors = True)
 
     return path
@@ -69,7 +72,10 @@ def load_training_state(path: str | os.PathLike) -> dict:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f'{path} is not a training checkpoint: it has no {STATE_FILE}; expected a directory written by FineTuner, e.g. runs/step-00000100')
 
-    return torch.load(path / STATE_FILE, map_location = 'cpu', weights_only = True)
+    try:
+        return torch.load(path / STATE_FILE, map_location = 'cpu', weights_only = True)
+    except Exception as error:  # truncated, corrupted or not torch's format: torch names neither the file nor the cause
+        raise CheckpointError(f'{path / STATE_FILE} could not be read ({type(error).__name__}: {error}); the checkpoint is damaged: resume from another one') from error
 
 # random number generators: saved per process, so that dropout or sampling in a user's loss
 # continue as if never interrupted

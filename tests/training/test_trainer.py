@@ -7,9 +7,9 @@ import torch
 import torch.multiprocessing as mp
 
 import calm_pytorch.training.finetuner as trainer_module
-from calm_pytorch import CALM, AugmentParams, FineTuner, next_token_loss
+from calm_pytorch import CALM, AugmentParams, CheckpointError, FineTuner, next_token_loss
 from calm_pytorch.training.schedule import warmup_then
-from calm_pytorch.training.step_checkpoints import checkpoints, load_training_state
+from calm_pytorch.training.step_checkpoints import checkpoints, load_training_state, save_training_checkpoint
 
 from conftest import assert_close, assert_equal, composition, counting_sequences, decoder, free_port, frozen
 
@@ -79,6 +79,35 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monke
 
     resumed = finetuner(build(), counting_sequences(8), checkpoint_dir = tmp_path, num_train_steps = 4, resume = True)
     assert resumed.step == 2
+
+def test_a_run_never_mixes_its_checkpoints_with_later_ones(tmp_path):
+    # checkpoints were pruned by step number: a run below another run's steps deleted each of its
+    # own as it wrote it, and `resume = True` then restored the other run
+    data = counting_sequences(8)
+    first = finetuner(build(), data, checkpoint_dir = tmp_path, checkpoint_every = 2, keep_last = 2, num_train_steps = 6)
+    first.train()
+    assert [step for step, _ in checkpoints(tmp_path)] == [4, 6]
+
+    for resume, later, start in ((False, '4, 6', 0), (tmp_path / 'step-00000004', '6', 4)):
+        with pytest.raises(ValueError, match = rf'holds checkpoints of steps \[{later}\], past the step this run starts at \({start}\): resume from the latest'):
+            finetuner(build(), data, checkpoint_dir = tmp_path, checkpoint_every = 2, resume = resume)
+
+    assert [step for step, _ in checkpoints(tmp_path)] == [4, 6]
+
+    # pruning keeps the last among the steps up to the one written, never a later one
+    save_training_checkpoint(tmp_path, 2, first.calm, dict(step = 2), keep_last = 1)
+    assert [step for step, _ in checkpoints(tmp_path)] == [2, 4, 6]
+
+    save_training_checkpoint(tmp_path, 8, first.calm, dict(step = 8), keep_last = 2)
+    assert [step for step, _ in checkpoints(tmp_path)] == [6, 8]
+
+def test_a_damaged_trainer_state_is_named(tmp_path):
+    finetuner(build(), counting_sequences(8), checkpoint_dir = tmp_path, checkpoint_every = 2, num_train_steps = 2).train()
+    state = tmp_path / 'step-00000002' / 'trainer_state.pt'
+    state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
+
+    with pytest.raises(CheckpointError, match = r'step-00000002/trainer_state.pt could not be read .* damaged'):
+        finetuner(build(), counting_sequences(8), checkpoint_dir = tmp_path, resume = True)
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     tuner = finetuner(build(), counting_sequences(8), checkpoint_dir = tmp_path / 'empty', resume = True)
