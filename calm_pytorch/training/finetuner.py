@@ -432,6 +432,21 @@ class FineTuner:
         state = load_training_state(path)
         self.calm.load(path / COMPOSITION_FILE)
 
+        # the saved optimizer and scheduler carry their own settings, which win over this
+        # FineTuner's: a change would be silently ignored
+        def settings(groups: list[dict]) -> list[tuple]:
+            return [(group.get('initial_lr', group['lr']), group['weight_decay'], tuple(group['betas'])) for group in groups]
+
+        given = dict(seed = self.seed, grad_accum_every = self.grad_accum_every, optimizer = settings(self.optimizer.param_groups))
+        saved = dict(seed = state.get('seed'), grad_accum_every = state.get('grad_accum_every'), optimizer = settings(state['optimizer']['param_groups']))
+        changed = [name for name in given if given[name] != saved[name]]
+
+        if len(changed) > 0 and self.distributed.is_main:
+            warnings.warn(
+                f'resuming from {path} with other settings than it was saved with: {", ".join(f"{name} {given[name]} (saved: {saved[name]})" for name in changed)}. '
+                'The learning rate, weight decay and betas stay the saved ones (the optimizer\'s state); another seed or grad_accum_every changes the data order or the steps'
+            )
+
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.step = self.saved_step = state['step']

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_a_run_never_mixes_its_checkpoints_with_later_ones(tmp_path):
 
     save_training_checkpoint(tmp_path, 8, first.calm, dict(step = 8), keep_last = 2)
     assert [step for step, _ in checkpoints(tmp_path)] == [6, 8]
+
+def test_resuming_with_other_settings_warns(tmp_path):
+    data = counting_sequences(8)
+    finetuner(build(), data, checkpoint_dir = tmp_path, checkpoint_every = 2, num_train_steps = 2).train()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        finetuner(build(), data, checkpoint_dir = tmp_path, resume = True)  # the same settings: no warning
+
+    with pytest.warns(UserWarning, match = r'other settings than it was saved with: seed 5 \(saved: 0\), optimizer .*0\.01.* \(saved: .*0\.003'):
+        finetuner(build(), data, checkpoint_dir = tmp_path, resume = True, seed = 5, learning_rate = 1e-2)
 
 def test_a_damaged_trainer_state_is_named(tmp_path):
     finetuner(build(), counting_sequences(8), checkpoint_dir = tmp_path, checkpoint_every = 2, num_train_steps = 2).train()
