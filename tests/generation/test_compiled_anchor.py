@@ -117,12 +117,18 @@ def test_a_compiled_anchor_in_a_second_block_while_a_thread_of_the_first_lives(s
         lingering.start()
 
     try:
+        graphs = []
+
         for _ in range(2):
             with calm.composed(document):
                 assert torch.equal(greedy(compiled, input_ids), eager)
+
+            graphs.append(counter.frame_count)
     finally:
         release.set()
         lingering.join()
+
+    assert graphs[0] <= 4 and graphs[1] == graphs[0]  # the next block compiles nothing more
 
     greedy(anchor, input_ids)  # an eager call once the thread has ended removes the first block's hooks
     assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
