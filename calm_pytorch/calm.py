@@ -143,17 +143,31 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
 
         self.cross_attns.to(device = model_device(anchor_llm), dtype = resolve_composition_dtype(composition_dtype, anchor_llm))
 
-        # freeze the models, remembering their state so that removing the hooks restores them;
-        # flags by name, not by parameter object: a record of the objects would keep whole weights
-        # alive after FSDP sharding or quantization replaced them
+        # freeze the models, remembering their state so that removing the hooks restores them: the
+        # train / eval mode of every submodule, and the flags by name, not by parameter object (a
+        # record of the objects would keep whole weights alive after FSDP sharding or quantization
+        # replaced them)
 
         self._frozen_state = [
-            (module, module.training, {name: param.requires_grad for name, param in module.named_parameters()})
+            (module, {name: sub.training for name, sub in module.named_modules()}, {name: param.requires_grad for name, param in module.named_parameters()})
             for module in (anchor_llm, *self.augments)
         ]
+        self.recorders, self.injector = [], None
 
+        try:
+            self.hook_models(augments)
+        except BaseException:
+            # nothing to call remove_hooks() on: the models must not stay frozen and hooked
+            self.restore_models()
+            raise
+
+        self.hooks_removed = False
+
+        self.train(self.training)
+
+    def hook_models(self, augments: list[AugmentParams]):
         # anchor parameters the user left trainable (e.g. LoRA weights) stay trainable, and are saved with the composition
-        self.trainable_anchor_params = freeze_models(anchor_llm, self.augments)
+        self.trainable_anchor_params = freeze_models(self.anchor, self.augments)
 
         # hooks: recorders on the connected augment sites, one injector over the anchor sites
 
@@ -176,9 +190,6 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
             for adapter, keys in zip(self.augment_adapters, self.augment_keys)
         ]
         self.vocab_mismatch = [vocab_mismatch(self.anchor_adapter, adapter, index, augment.same_tokenizer or exists(augment.tokenizer)) for index, (augment, adapter) in enumerate(zip(augments, self.augment_adapters))]
-        self.hooks_removed = False
-
-        self.train(self.training)
 
     # modes
 
@@ -197,18 +208,21 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         modes: the anchor and the augments are again exactly the models they were. This CALM can
         no longer be called."""
 
-        for hooks in (*self.recorders, self.injector):
-            hooks.remove()
-
         disable_checkpointing(self)
+        self.restore_models()
+        self.hooks_removed = True
 
-        for module, training, flags in self._frozen_state:
-            module.train(training)
+    def restore_models(self):
+        for hooks in (*self.recorders, self.injector):
+            if exists(hooks):
+                hooks.remove()
+
+        for module, modes, flags in self._frozen_state:
+            for name, sub in module.named_modules():
+                sub.training = modes.get(name, sub.training)
             for name, param in module.named_parameters():
                 if name in flags:
                     param.requires_grad_(flags[name])
-
-        self.hooks_removed = True
 
     def summary(self) -> str:
         """Which augment layer feeds which anchor layer (by number and module name), and the

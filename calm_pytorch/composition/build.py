@@ -145,15 +145,13 @@ def positions_per_layer(position, num_layers: int, name: str) -> tuple[HiddenPos
 
 def count_layers(adapter: ModelAdapter) -> int:
     if adapter.returns_hiddens:
-        with torch.no_grad():
-            return len(adapter(adapter.dummy_input()))
+        return len(adapter.dry_run())
 
     return len(adapter.layers)
 
 def augment_widths(adapter: ModelAdapter, keys) -> dict:
     if adapter.returns_hiddens:
-        with torch.no_grad():
-            hiddens = adapter(adapter.dummy_input())
+        hiddens = adapter.dry_run()
         return {key: hiddens[key[0]].shape[-1] for key in keys}
 
     sites = {key: adapter.layers[key[0]].site(key[1]) for key in keys}

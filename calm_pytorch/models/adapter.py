@@ -195,6 +195,13 @@ class ModelAdapter:
 
     # probing with dummy inputs
 
+    def dry_run(self, inputs: Tensor | None = None) -> Any:
+        """One forward on dummy inputs that leaves the frozen model as it was: without gradients
+        and in eval mode (see `evaluating`)."""
+
+        with torch.no_grad(), evaluating(self.model):
+            return self(inputs if exists(inputs) else self.dummy_input())
+
     def probe(self, sites: Sequence[Site], inputs: Tensor | None = None) -> ProbeResult:
         """Runs the model once with read hooks on `sites`: which fired in what order, at what width."""
 
@@ -208,8 +215,8 @@ class ModelAdapter:
         handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]
 
         try:
-            with torch.no_grad(), shapes_only(self.model):
-                self(inputs if exists(inputs) else self.dummy_input())
+            with shapes_only(self.model):
+                self.dry_run(inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -308,14 +315,17 @@ class ModelAdapter:
 
 @contextmanager
 def evaluating(model: Module):
-    # the causality probes run in eval mode: dropout would make two runs differ at every position
-    training = model.training
+    # every probe runs in eval mode: dropout would make two runs of the causality probes differ at
+    # every position, and a batch norm in training mode would fold the dummy inputs into the frozen
+    # model's running statistics. Each submodule gets its own mode back (a model may mix them)
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
 
     try:
         yield
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
 
 @dataclass
 class DecodeState:

@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -58,8 +57,7 @@ def state_widths(adapter, sites: Sequence[Site]) -> dict[tuple[int, str], int]:
     handles = [register_state_hook(site, lambda hidden, state, key = key: record(key, hidden, state)) for key, site in unique.items()]
 
     try:
-        with torch.no_grad():
-            adapter(adapter.dummy_input())
+        adapter.dry_run()
     finally:
         for handle in handles:
             handle.remove()

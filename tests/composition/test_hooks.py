@@ -49,6 +49,65 @@ def test_remove_hooks_restores_the_models(anchor, augment):
     with pytest.raises(RuntimeError, match = 'remove_hooks'):
         calm(tokens())
 
+class NormedBlock(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj, self.norm = torch.nn.Linear(dim, dim), torch.nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x).transpose(1, 2)).transpose(1, 2)
+
+class NormedLM(torch.nn.Module):
+    # a frozen model with batch norms, whose running statistics a forward in training mode updates
+    def __init__(self, dim = 16, depth = 2, num_tokens = 256):
+        super().__init__()
+        self.embed = torch.nn.Embedding(num_tokens, dim)
+        self.blocks = torch.nn.ModuleList([NormedBlock(dim) for _ in range(depth)])
+        self.to_logits = torch.nn.Linear(dim, num_tokens)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.to_logits(x)
+
+@pytest.mark.parametrize('role', ('anchor', 'augment'))
+def test_building_a_composition_leaves_running_statistics_and_modes_alone(anchor, augment, role):
+    normed = NormedLM(dim = 32 if role == 'anchor' else 16)
+    normed.train()
+    normed.blocks[1].eval()  # a model may mix modes; each submodule gets its own back
+    buffers = {name: buffer.clone() for name, buffer in normed.named_buffers()}
+    modes = {name: module.training for name, module in normed.named_modules()}
+
+    calm = CALM(normed, augment, anchor_transformer_blocks = normed.blocks) if role == 'anchor' else \
+        CALM(anchor, AugmentParams(model = normed, transformer_blocks = normed.blocks))
+
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in normed.named_buffers())
+
+    calm.remove_hooks()
+    assert {name: module.training for name, module in normed.named_modules()} == modes
+
+class OddLengthsFail(torch.nn.Module):
+    # reads tokens in pairs: the 2-token dummy input passes, the 3-token causality probe fails
+    def __init__(self):
+        super().__init__()
+        self.inner = decoder(dim = 16, depth = 2)
+
+    def forward(self, tokens):
+        assert tokens.shape[-1] % 2 == 0, 'this model reads tokens in pairs'
+        return self.inner(tokens)
+
+def test_a_failed_construction_leaves_the_models_unfrozen_and_unhooked(anchor):
+    augment = OddLengthsFail()
+    hooks = [hook_counts(anchor), hook_counts(augment)]
+    flags = [[param.requires_grad for param in model.parameters()] for model in (anchor, augment)]
+
+    with pytest.raises(AssertionError, match = 'pairs'):
+        CALM(anchor, AugmentParams(model = augment, transformer_blocks = [layer[1] for layer in augment.inner.attn_layers.layers]))
+
+    assert [hook_counts(anchor), hook_counts(augment)] == hooks
+    assert [[param.requires_grad for param in model.parameters()] for model in (anchor, augment)] == flags
+
 def test_failed_forward_leaves_no_stale_state(anchor, augment):
     calm = CALM(anchor, augment)
     calm.eval()
