@@ -80,8 +80,14 @@ def augment_context(
     # stops its forward once the segments cover them
     expected_len = inputs.shape[-1] if not exists(adapter.input_shape) else None
 
+    if not aligned:
+        check_padding_is_masked(calm, index, inputs_mask, arg)
+
     with torch.no_grad():
         hiddens = recorder(lambda: adapter(inputs, inputs_mask), expected_len)
+
+    if aligned:
+        check_one_per_token(hiddens, inputs.shape[-1], index)
 
     if calm.reads_final_state[index]:
         # every state token is real; the augment saw the padding through its mask argument
@@ -119,6 +125,42 @@ def check_aligned(calm: Composition, index: int):
             f'augment {index} ({type(adapter.model).__name__}) is not causal: its hidden states at a position depend on later tokens, '
             'so in aligned mode (no prompt) the anchor would see the future. Pass its input as `prompt=` (context mode) instead'
         )
+
+def check_one_per_token(hiddens: dict, length: int, index: int):
+    # aligned mode pairs the augment's position i with the anchor's position i: hidden states of
+    # another length (an x-transformers model's memory tokens, prepended) would shift every pair
+    produced = {hidden.shape[-2] for hidden in hiddens.values()}
+
+    if produced and produced != {length}:
+        raise ValueError(
+            f'augment {index} produced {sorted(produced)} hidden positions for {length} tokens; aligned mode (no prompt) pairs each of its '
+            'positions with the anchor\'s, so it needs one per token (a model with memory tokens prepends its own). Pass its input as `prompt=` (context mode)'
+        )
+
+def check_padding_is_masked(calm: Composition, index: int, mask: Tensor | None, arg: str):
+    # an augment without a mask argument reads padding as tokens. That is harmless only when no real
+    # position reads it: a causal model, padded after its tokens, whose hidden states are the context
+    adapter = calm.augment_adapters[index]
+
+    if exists(adapter.mask_kwarg) or exists(adapter.input_shape) or not exists(mask) or bool(mask.all()):
+        return
+
+    right_padded = bool((mask.int().cummin(dim = -1).values == mask.int()).all())
+
+    if calm.reads_final_state[index]:
+        why = 'its final state summarises every position it reads'
+    elif not right_padded:
+        why = 'the padding comes before real tokens'
+    elif calm.augment_is_causal[index] is False:
+        why = 'it is not causal, so its real positions read later ones'
+    else:
+        return
+
+    raise ValueError(
+        f'`{arg}_mask` marks padding for augment {index} ({type(adapter.model).__name__}), whose forward takes no mask argument, so it '
+        f'reads the padding as tokens, and {why}. Give it a `mask` or `attention_mask` argument (or name yours with '
+        'AugmentParams(mask_kwarg = ...)), or pass unpadded rows one at a time'
+    )
 
 def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Tensor | None, seq: Tensor, arg: str) -> Tensor:
     """Checks an augment's own input; returns it, token ids as torch.long."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from calm_pytorch.composition.contexts import augment_context, check_aligned
+from calm_pytorch.composition.contexts import augment_context, check_aligned, check_one_per_token
 from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
@@ -140,6 +140,7 @@ class ComposedDecoder:
         cached = exists(state) and adapter.can_cache
         expected_len = tokens.shape[-1] - (state.length if cached else 0)
         hiddens = recorder(lambda: adapter.decode(tokens, mask, state), expected_len)
+        check_one_per_token(hiddens, expected_len, index)
 
         if not self.use_cache:
             return AugmentContext(hiddens, mask, causal = True)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tokens
+from conftest import MAX_SEQ_LEN, NUM_TOKENS, tokens
 from hf_models import llama
+from x_transformers import Decoder, TransformerWrapper
 
 from calm_pytorch import CALM, AugmentParams, CrossAttentionBlock
 
@@ -101,3 +103,19 @@ def test_augment_receives_the_padding_mask(anchor, augment):
     calm(tokens(), prompt = prompt, prompt_mask = prompt_mask)
 
     assert torch.equal(seen['mask'], prompt_mask)
+
+def test_an_augment_with_memory_tokens_is_refused_in_aligned_mode_and_read_in_context_mode(anchor):
+    # x-transformers prepends its memory tokens: position i of its hidden states is not token i
+    augment = TransformerWrapper(num_tokens = NUM_TOKENS, max_seq_len = MAX_SEQ_LEN, num_memory_tokens = 2, attn_layers = Decoder(dim = 24, depth = 4, heads = 2, attn_dim_head = 16))
+    calm = CALM(anchor, augment)
+    seq = tokens(length = 10)
+
+    for mask in (None, torch.ones_like(seq, dtype = torch.bool)):
+        with pytest.raises(ValueError, match = r'augment 0 produced \[12\] hidden positions for 10 tokens; aligned mode'):
+            calm(seq, mask = mask, return_loss = False)
+
+    with pytest.raises(ValueError, match = r'augment 0 produced \[6\] hidden positions for 4 tokens'):
+        calm.generate(seq[:, :4], 7)
+
+    # in context mode every position of it is context
+    assert calm(seq, prompt = tokens(length = 6)).isfinite()

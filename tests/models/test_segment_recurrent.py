@@ -118,6 +118,32 @@ def test_final_state_ignores_right_padding_through_the_augments_mask(anchor):
 
     assert torch.allclose(padded_logits, logits, atol = 1e-5)
 
+class MasklessSegmentLM(SegmentLM):
+    # the docs' segment model takes no mask: it reads whatever it is given
+    def forward(self, tokens):
+        return super().forward(tokens)
+
+def test_padding_a_model_without_a_mask_argument_cannot_read_is_refused(anchor):
+    model = MasklessSegmentLM(dim = 16, depth = 3, segment_len = 4)
+    seq, prompt = tokens(length = 8), tokens(length = 8)
+    right = torch.ones_like(prompt, dtype = torch.bool)
+    right[0, 5:] = False
+
+    # its final state would summarise the padding too
+    final_state = CALM(anchor, AugmentParams(model = model, transformer_blocks = model.blocks, recurrent_context = 'final_state'))
+    with pytest.raises(ValueError, match = r'`prompt_mask` marks padding for augment 0 \(MasklessSegmentLM\), whose forward takes no mask argument.*final state'):
+        final_state(seq, prompt = prompt, prompt_mask = right)
+
+    final_state(seq, prompt = prompt, prompt_mask = torch.ones_like(right))  # no padding: nothing to mask
+    final_state.remove_hooks()
+
+    # its hidden states: a causal model padded on the right keeps its real positions, padded on the left it does not
+    all_segments = CALM(anchor, AugmentParams(model = model, transformer_blocks = model.blocks))
+    all_segments(seq, prompt = prompt, prompt_mask = right)
+
+    with pytest.raises(ValueError, match = 'the padding comes before real tokens'):
+        all_segments(seq, prompt = prompt, prompt_mask = right.flip(-1))
+
 def test_final_state_needs_a_prompt(anchor):
     _, params = segment_augment(recurrent_context = 'final_state')
     calm = CALM(anchor, params)
