@@ -281,7 +281,7 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         seq, mask = check_anchor_inputs(self, seq, mask, min_len = 2 if return_loss else 1)
 
         if exists(labels):
-            labels = check_labels(labels, seq, 'seq')
+            labels = check_labels(labels, seq, 'seq', self.anchor_adapter.vocab_size)
 
         if return_loss:
             check_causal_anchor(self, 'its next-token loss')

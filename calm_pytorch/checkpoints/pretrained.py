@@ -196,6 +196,7 @@ def augment_params(given: AugmentParams | Module | None, model: Module, wiring: 
     return replace(
         params,
         connections = tuple(tuple(pair) for pair in wiring['connections']),
+        connect_every_num_layers = None,
         hidden_position = tuple(positions),
         recurrent_context = wiring['recurrent_context'],
         tokenizer = params.tokenizer if exists(params.tokenizer) else tokenizer

@@ -67,6 +67,10 @@ def derive_wiring(
     """Which augment layer feeds which anchor layer, at which sites and widths. The widths come from
     one dummy forward through each model, at the sites actually used; given dims are checked."""
 
+    for index, augment in enumerate(augments):
+        if exists(augment.connections) and exists(augment.connect_every_num_layers):
+            raise ValueError(f'augment_llms[{index}] has both `connections` and `connect_every_num_layers`, two ways to say which layers connect; pass one')
+
     num_anchor_layers = len(anchor.layers)
     anchor_positions = positions_per_layer(anchor_hidden_position, num_anchor_layers, 'anchor_hidden_position')
     num_augment_layers = [count_layers(adapter) for adapter in augment_adapters]

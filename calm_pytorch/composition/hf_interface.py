@@ -134,7 +134,7 @@ def hf_forward(
     anchor_kwargs.pop('return_dict', None)  # always a dict
 
     if exists(labels):
-        labels = check_labels(labels, input_ids, 'input_ids')
+        labels = check_labels(labels, input_ids, 'input_ids', calm.anchor_adapter.vocab_size)
         check_causal_anchor(calm, 'its next-token loss')
 
     # the anchor reads all of input_ids: the labels are shifted below, not the tokens

@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from calm_pytorch.composition.loss import IGNORE
+from calm_pytorch.helpers import exists
+
 # checks of what a user hands a composition, each error naming the argument, what was given and
 # what was expected
 
@@ -43,7 +46,8 @@ def check_tokens(tokens: Tensor, name: str, min_len: int = 1) -> Tensor:
         raise ValueError(f'`{name}` must have shape (batch, seq_len), got {tuple(tokens.shape)}')
 
     if tokens.shape[1] < min_len:
-        raise ValueError(f'`{name}` must have at least {min_len} token(s) (a loss needs 2: inputs and next-token labels), got shape {tuple(tokens.shape)}')
+        why = ' (a loss needs 2: inputs and next-token labels)' if min_len == 2 else ''
+        raise ValueError(f'`{name}` must have at least {min_len} token(s){why}, got shape {tuple(tokens.shape)}')
 
     return tokens.long()
 
@@ -56,7 +60,7 @@ def check_mask(mask: Tensor, like: Tensor, name: str, like_name: str) -> Tensor:
 
     return mask.bool()
 
-def check_labels(labels: Tensor, like: Tensor, like_name: str) -> Tensor:
+def check_labels(labels: Tensor, like: Tensor, like_name: str, vocab_size: int | None = None) -> Tensor:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f'`labels` must hold integer token ids (-100 where ignored), got dtype {labels.dtype}')
 
@@ -66,7 +70,15 @@ def check_labels(labels: Tensor, like: Tensor, like_name: str) -> Tensor:
             'they are aligned with the tokens, not shifted (the shift to next-token targets happens inside)'
         )
 
-    return labels.long()
+    labels = labels.long()
+
+    # the loss's own error would name no argument (and on a GPU is a device-side assert)
+    if exists(vocab_size) and not torch.compiler.is_compiling():
+        outside = (labels != IGNORE) & ((labels < 0) | (labels >= vocab_size))
+        if bool(outside.any()):
+            raise ValueError(f'`labels` hold ids outside the anchor\'s vocabulary of {vocab_size}: {sorted(set(labels[outside].tolist()))[:8]}; -100 marks positions without a loss')
+
+    return labels
 
 def per_augment(value, num_augments: int, name: str) -> list:
     if not isinstance(value, (list, tuple)):

@@ -103,7 +103,8 @@ class AugmentText:
         self.name = name
         self.kind = 'transformers' if callable(getattr(tokenizer, 'batch_decode', None)) else 'tokenizers' if callable(getattr(tokenizer, 'encode_batch', None)) else 'plain'
 
-        if self.kind == 'plain' and not callable(getattr(tokenizer, 'encode', None)):
+        # a str has `encode` too (to bytes): a hub id or path given for the tokenizer itself
+        if isinstance(tokenizer, (str, bytes)) or self.kind == 'plain' and not callable(getattr(tokenizer, 'encode', None)):
             raise TypeError(f'`{name}` must offer `encode(text) -> list[int]` (a transformers or `tokenizers` tokenizer), got {type(tokenizer).__name__}')
 
         # a `tokenizers.Tokenizer` applies the padding and truncation it carries (`enable_padding()`,

@@ -149,3 +149,33 @@ def test_numpy_and_torch_integers_are_fine_in_connections(anchor, augment):
     calm = CALM(anchor, AugmentParams(model = augment, connections = ((np.int64(4), torch.tensor(2)), [8, np.int32(4)])))
     assert calm.connections == (((4, 2), (8, 4)),)
     assert all(type(layer) is int for pair in calm.connections[0] for layer in pair)
+
+def test_connections_and_a_spacing_together_are_refused(anchor, augment):
+    with pytest.raises(ValueError, match = r'augment_llms\[0\] has both `connections` and `connect_every_num_layers`'):
+        CALM(anchor, AugmentParams(model = augment, connections = ((4, 2),), connect_every_num_layers = 2))
+
+# labels and prompts
+
+def test_labels_outside_the_vocabulary_are_named(anchor, augment):
+    calm = CALM(anchor, augment)
+    seq = tokens()
+
+    for wrong in (NUM_TOKENS, -1):
+        labels = seq.clone()
+        labels[0, 3] = wrong
+
+        with pytest.raises(ValueError, match = rf"`labels` hold ids outside the anchor's vocabulary of {NUM_TOKENS}: \[{wrong}\]"):
+            calm(seq, labels = labels)
+
+        with pytest.raises(ValueError, match = rf'vocabulary of {NUM_TOKENS}: \[{wrong}\]'):
+            calm(input_ids = seq, labels = labels)
+
+    ignored = seq.clone()
+    ignored[0, 3] = -100
+    assert calm(seq, labels = ignored).isfinite()
+
+def test_an_empty_prompt_is_refused_without_speaking_of_a_loss(anchor, augment):
+    calm = CALM(anchor, augment)
+
+    with pytest.raises(ValueError, match = r'^`prompt` must have at least 1 token\(s\), got shape \(2, 0\)$'):
+        calm(tokens(), prompt = tokens(length = 0))

@@ -54,3 +54,11 @@ def test_a_batch_of_no_rows_gives_no_rows(augment_tokenizer):
 
         for use_cache in (True, False):
             assert calm.generate(empty, max_new_tokens = 3, use_cache = use_cache).shape == (0, 3)
+
+def test_a_tokenizer_named_by_a_string_is_refused_at_construction():
+    # a str has `encode` too, to bytes: it would fail only at the first aligned call
+    anchor = TransformerWrapper(num_tokens = len(byte_bpe()), max_seq_len = 256, attn_layers = Decoder(dim = 32, depth = 2, heads = 2, attn_dim_head = 16))
+    augment = TransformerWrapper(num_tokens = 64, max_seq_len = 256, attn_layers = Decoder(dim = 24, depth = 2, heads = 2, attn_dim_head = 16))
+
+    with pytest.raises(TypeError, match = r'`augment_llms\[0\]\.tokenizer` must offer `encode\(text\) -> list\[int\]`.*got str'):
+        CALM(anchor, AugmentParams(model = augment, tokenizer = 'bert-base-uncased'), anchor_tokenizer = byte_bpe())
