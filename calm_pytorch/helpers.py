@@ -1,12 +1,15 @@
 """Small helpers every room uses: `exists`, `default`, `cast_tuple`, the `typecheck` of the public
-boundary, and `PerThread` state for hook objects.
+boundary, `warn_user`, and `PerThread` state for hook objects.
 
 May import: nothing
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+import warnings
 from functools import wraps
 from typing import Any, Callable
 
@@ -33,6 +36,22 @@ def typecheck(fn: Callable) -> Callable:
         return checked(*args, **kwargs)
 
     return inner
+
+# frames a warning looks past to find the user's line: this package, its type checks' generated
+# wrappers, and the context managers and decorators (no_grad) between them
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PASSED_THROUGH = (PACKAGE_DIR, '<@beartype', os.path.join('torch', 'utils', '_contextlib.py'), 'contextlib.py')
+
+def warn_user(message: str, category: type[Warning] = UserWarning):
+    """warnings.warn at the user's line, however deep in the package it is raised: its filename and
+    module are the user's (so `warnings.filterwarnings(module = ...)` on their own module matches)."""
+
+    frame, level = sys._getframe(1), 2
+
+    while exists(frame) and any(part in frame.f_code.co_filename for part in PASSED_THROUGH):
+        frame, level = frame.f_back, level + 1
+
+    warnings.warn(message, category, stacklevel = level)
 
 def exists(v: Any) -> bool:
     return v is not None

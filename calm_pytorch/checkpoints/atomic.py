@@ -56,6 +56,15 @@ def new_dir(path: Path):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
+
+    # the rename would fail naming the temporary file, not the user's path
+    if path.is_dir():
+        raise IsADirectoryError(f'{path} is a directory; a checkpoint is one file: give a file path (e.g. {path / "composition.safetensors"})')
+
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f'cannot write {path}: {parent} is a file, not a directory')
+
     path.parent.mkdir(parents = True, exist_ok = True)
 
     tmp, fd = create_beside(path, '.tmp', new_file)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +8,7 @@ from torch.nn import Module
 
 from calm_pytorch.checkpoints.contents import composition_state_dict, composition_wiring
 from calm_pytorch.checkpoints.fingerprint import composition_identities, models_differences
+from calm_pytorch.helpers import warn_user
 
 class CompositionMismatchError(ValueError):
     """The checkpoint was saved from a composition wired differently from the one it is loaded into."""
@@ -52,17 +52,16 @@ def check_fits(calm: Module, saved: dict[str, Any], tensors: dict[str, Tensor], 
 
 def check_models(calm: Module, saved: dict[str, Any], path: Path, strict: bool, cast: bool = False):
     if 'models' not in saved:
-        warnings.warn(
+        warn_user(
             f'{path} was written by calm-compose {saved.get("library_version")} without the identity of its frozen models, so nothing '
-            'checks that this composition is over the models it was trained with. Saving it again adds the identity',
-            stacklevel = 3
+            'checks that this composition is over the models it was trained with. Saving it again adds the identity'
         )
         return
 
     differences, cannot = models_differences(saved['models'], composition_identities(calm), cast)
 
     for line in cannot:
-        warnings.warn(f'{path}: {line}', stacklevel = 3)
+        warn_user(f'{path}: {line}')
 
     if len(differences) == 0:
         return
@@ -77,7 +76,7 @@ def check_models(calm: Module, saved: dict[str, Any], path: Path, strict: bool, 
     if strict:
         raise CompositionMismatchError(message)
 
-    warnings.warn(message, stacklevel = 3)
+    warn_user(message)
 
 def wiring_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     saved_augments, current_augments = saved.get('augments', []), current['augments']

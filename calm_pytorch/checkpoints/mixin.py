@@ -47,7 +47,7 @@ class CompositionCheckpoints:
         pretrained_model_name_or_path: str | os.PathLike,
         *,
         anchor: Module | None = None,
-        augments: Sequence[AugmentParams | Module | None] | None = None,
+        augments: AugmentParams | Module | Sequence[AugmentParams | Module | None] | None = None,
         anchor_tokenizer: Any = None,
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,

@@ -21,8 +21,14 @@ def is_hub_id(source: str | None) -> bool:
 def model_card(calm: Composition, config: dict[str, Any], name: str, training: list[str] | None = None) -> str:
     description = config['composition']
     anchor_source = config['anchor'].get('source')
-    trained = sum(full_numel(param) for param in calm.cross_attns.parameters())
-    frozen = sum(full_numel(param) for model in (calm.anchor, *calm.augments) for param in model.parameters())
+    # anchor parameters trained with the composition (LoRA weights) are saved with it, not frozen
+    anchor_trained = set(calm.trainable_anchor_params)
+    anchor_params = dict(calm.anchor.named_parameters())
+    trained_in_anchor = sum(full_numel(param) for name, param in anchor_params.items() if name in anchor_trained)
+    trained = sum(full_numel(param) for param in calm.cross_attns.parameters()) + trained_in_anchor
+    frozen = sum(full_numel(param) for model in calm.augments for param in model.parameters()) + \
+        sum(full_numel(param) for name, param in anchor_params.items() if name not in anchor_trained)
+    what_trained = 'the composition and the anchor\'s own trainable parameters (e.g. LoRA)' if trained_in_anchor > 0 else 'the composition'
 
     front = ['---', 'library_name: calm-compose', 'tags:', '- calm', '- model-composition']
     if is_hub_id(anchor_source):
@@ -59,7 +65,7 @@ def model_card(calm: Composition, config: dict[str, Any], name: str, training: l
         '',
         '## Parameters',
         '',
-        f'Trained: {trained:,} (the composition). Frozen: {frozen:,} (the anchor and the augments, unchanged).',
+        f'Trained: {trained:,} ({what_trained}). Frozen: {frozen:,} (the anchor and the augments, unchanged).',
         ''
     ]
 
@@ -72,10 +78,13 @@ def model_card(calm: Composition, config: dict[str, Any], name: str, training: l
         '```python',
         'from calm_pytorch import CALM  # pip install calm-compose',
         '',
-        f'calm = CALM.from_pretrained("{name}")',
+        f'calm = CALM.from_pretrained({name!r})',
         '```',
         ''
     ]
+
+    if trained_in_anchor > 0:
+        lines += ['The anchor was trained with its own adapters (e.g. LoRA), saved in `composition.safetensors`: pass it in, with the same adapters in place: `CALM.from_pretrained(..., anchor = ...)`.', '']
 
     if any(not source.get('source') for source in (config['anchor'], *config['augments'])):
         lines += ['Models without a recorded source are passed in: `CALM.from_pretrained(..., anchor = ..., augments = [...])`.', '']

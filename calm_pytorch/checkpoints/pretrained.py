@@ -13,11 +13,12 @@ from torch.nn import Module
 
 from calm_pytorch.checkpoints.atomic import atomic_write_bytes
 from calm_pytorch.checkpoints.contents import library_version
+from calm_pytorch.checkpoints.matching import CompositionMismatchError
 from calm_pytorch.checkpoints.model_card import model_card
 from calm_pytorch.checkpoints.save_load import load_composition, save_composition
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.protocol import Composition
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import exists, warn_user
 
 # A composition as a directory, the way transformers models are shared:
 #   composition.safetensors  what was trained, with the wiring and the identity of the frozen models (calm.save)
@@ -90,10 +91,20 @@ def local_sources(config: dict[str, Any]):
 def recipe(calm: Composition):
     """`calm.config` as a composition directory saves it: local sources made absolute."""
 
-    from calm_pytorch.composition.hf_config import composition_config
+    from calm_pytorch.composition.hf_config import cached_revisions, composition_config
 
     config = composition_config(calm)
     local_sources(dict(anchor = config.anchor, augments = config.augments))
+
+    for what, source in (('the anchor', config.anchor), *((f'augment {index}', source) for index, source in enumerate(config.augments))):
+        revisions = cached_revisions(source.get('source')) if source.get('library') == 'transformers' else []
+        if len(revisions) > 1:
+            warn_user(
+                f'the hub cache holds {len(revisions)} revisions of {source["source"]} ({what}), and transformers does not record which one a model '
+                f'was loaded from: config.json names the default branch\'s, {source["revision"]}. If {what} came from another, '
+                'from_pretrained will refuse the default one by its fingerprint; pass the right one in (`anchor = ...`, `augments = [...]`)'
+            )
+
     return config
 
 def save_pretrained(calm: Composition, directory: str | os.PathLike, tokenizer: Any = None, name: str | None = None, training: list[str] | None = None) -> Path:
@@ -182,7 +193,13 @@ def load_frozen(source: dict[str, Any], what: str, dtype: torch.dtype | str | No
     if exists(source.get('revision')) and not Path(source['source']).is_dir():
         kwargs['revision'] = source['revision']
 
-    model = model_class.from_pretrained(source['source'], **kwargs)
+    try:
+        model = model_class.from_pretrained(source['source'], **kwargs)
+    except OSError as error:
+        # a directory moved or deleted, a hub id not reachable, or a model transformers loaded from
+        # another file than its weights (a GGUF), which no config records
+        raise OSError(f'{what} ({source["model_class"]}) could not be loaded from its recorded source {source["source"]}: {error}\nIf it lives elsewhere now, or was loaded otherwise (e.g. from a GGUF file), load it yourself and {how}') from error
+
     return model, exists(dtype) and dtype != saved_dtype
 
 def augment_params(given: AugmentParams | Module | None, model: Module, wiring: dict[str, Any], tokenizer: Any) -> AugmentParams:
@@ -199,6 +216,7 @@ def augment_params(given: AugmentParams | Module | None, model: Module, wiring: 
         connect_every_num_layers = None,
         hidden_position = tuple(positions),
         recurrent_context = wiring['recurrent_context'],
+        same_tokenizer = params.same_tokenizer or wiring.get('same_tokenizer', False),
         tokenizer = params.tokenizer if exists(params.tokenizer) else tokenizer
     )
 
@@ -207,7 +225,7 @@ def from_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,
     anchor: Module | None = None,
-    augments: Sequence[AugmentParams | Module | None] | None = None,
+    augments: AugmentParams | Module | Sequence[AugmentParams | Module | None] | None = None,
     anchor_tokenizer: Any = None,
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -223,12 +241,13 @@ def from_pretrained(
     num_augments = len(config['augments'])
     model_kwargs = hub_kwargs | (model_kwargs or {})
 
-    augments = list(augments) if exists(augments) else [None] * num_augments
+    augments = [augments] if isinstance(augments, (Module, AugmentParams)) else list(augments) if exists(augments) else [None] * num_augments
 
     if len(augments) != num_augments:
         raise ValueError(f'{directory} composes {num_augments} augment(s); `augments` holds {len(augments)} (None where it is to be loaded from its source)')
 
     cast = False
+    anchor_given, augments_given = exists(anchor), [given.model if isinstance(given, AugmentParams) else given for given in augments]
 
     if not exists(anchor):
         anchor, cast = load_frozen(config['anchor'], 'the anchor', dtype, model_kwargs)
@@ -254,16 +273,35 @@ def from_pretrained(
         for index, (given, model, wiring, record) in enumerate(zip(augments, models, description['augments'], tokenizers['augments']))
     ]
 
-    calm = build(
-        anchor,
-        params,
-        attn_kwargs = description['attn_kwargs'],
-        anchor_hidden_position = tuple(description['anchor_hidden_position']),
-        pad_id = description['pad_id'],
-        composition_dtype = getattr(torch, description['composition_dtype']),
-        anchor_tokenizer = anchor_tokenizer,
-        **(calm_kwargs or {})
-    )
+    try:
+        calm = build(
+            anchor,
+            params,
+            attn_kwargs = description['attn_kwargs'],
+            anchor_hidden_position = tuple(description['anchor_hidden_position']),
+            pad_id = description['pad_id'],
+            composition_dtype = getattr(torch, description['composition_dtype']),
+            anchor_tokenizer = anchor_tokenizer,
+            **(calm_kwargs or {})
+        )
+    except (ValueError, TypeError) as error:
+        # the saved wiring over other models: the error would name arguments the user never passed
+        raise CompositionMismatchError(f'{directory} cannot be built over the models given: it composes {saved_models(config)}.\n{error}') from error
 
-    load_composition(calm, directory / COMPOSITION_FILE, strict_models = strict_models, cast = cast)
+    try:
+        load_composition(calm, directory / COMPOSITION_FILE, strict_models = strict_models, cast = cast)
+    except CompositionMismatchError as error:
+        loaded = [what for what, given in (('the anchor', anchor_given), *((f'augment {index}', exists(model)) for index, model in enumerate(augments_given))) if not given]
+        if len(loaded) == 0:
+            raise
+        raise CompositionMismatchError(
+            f'{error}\n{", ".join(loaded)} came from the recorded source(s) in {directory / CONFIG_FILE}; if the composition was trained over '
+            'another revision or file of a model, load that one and pass it in (`anchor = ...`, `augments = [...]`)'
+        ) from error
+
     return calm
+
+def saved_models(config: dict[str, Any]) -> str:
+    layers = [augment['num_layers'] for augment in config['composition']['augments']]
+    augments = ', '.join(f'{source.get("model_class")} ({count} layers)' for source, count in zip(config['augments'], layers))
+    return f'the anchor {config["anchor"].get("model_class")} ({config.get("num_hidden_layers")} layers) with {augments}'

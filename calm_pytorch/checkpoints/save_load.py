@@ -63,6 +63,10 @@ def load_composition(calm: Module, path: str | os.PathLike, strict_models: bool 
 
     path = Path(path)
     refuse_partitioned_load(calm, path)
+
+    # copying into a tensor on `meta` is a no-op: nothing would be loaded, silently
+    if any(param.is_meta for param in calm.cross_attns.parameters()):
+        raise ValueError(f'the composition\'s weights are on the meta device, which holds no values, so {path} cannot be loaded into them; materialise them first (calm.to_empty(device = ...)), then load')
     raw = read_bytes(path)
     wiring = verified_wiring(raw, path)
 

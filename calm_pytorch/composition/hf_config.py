@@ -72,7 +72,8 @@ def model_source(model: Module) -> dict[str, Any]:
 def hub_revision(config) -> str | None:
     """The commit of a hub model: transformers 4 kept it on the config; transformers 5 does not, so
     it is the commit the hub cache holds for the model's default branch (None for a local directory
-    or a model not in the cache). The fingerprint saved with a composition is what proves identity."""
+    or a model not in the cache; a model loaded at another revision cannot be told apart, see
+    `cached_revisions`). The fingerprint saved with a composition is what proves identity."""
 
     commit = getattr(config, '_commit_hash', None)
     name = config.name_or_path
@@ -84,6 +85,17 @@ def hub_revision(config) -> str | None:
 
     cached = try_to_load_from_cache(name, 'config.json')
     return Path(cached).parent.name if isinstance(cached, str) else None
+
+def cached_revisions(name: str | None) -> list[str]:
+    """The commits of a hub model the hub cache holds (none for a local directory)."""
+
+    if not name or Path(name).exists():
+        return []
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, 'config.json')
+    return sorted(path.name for path in Path(cached).parent.parent.iterdir()) if isinstance(cached, str) else []
 
 def composition_description(calm: Composition) -> dict[str, Any]:
     """How the composition is wired: enough, with the frozen models, to build the same CALM again."""
@@ -100,11 +112,18 @@ def composition_description(calm: Composition) -> dict[str, Any]:
                 connections = [list(pair) for pair in connections],
                 hidden_positions = [position for _, position in keys],
                 num_layers = num_layers,
-                recurrent_context = 'final_state' if final_state else 'all_segments'
+                recurrent_context = 'final_state' if final_state else 'all_segments',
+                same_tokenizer = declared_same_tokenizer(calm, index)
             )
-            for connections, keys, num_layers, final_state in zip(calm.connections, calm.augment_keys, calm.num_augment_layers, calm.reads_final_state)
+            for index, (connections, keys, num_layers, final_state) in enumerate(zip(calm.connections, calm.augment_keys, calm.num_augment_layers, calm.reads_final_state))
         ]
     )
+
+def declared_same_tokenizer(calm: Composition, index: int) -> bool:
+    # vocabularies of different sizes read as one only with AugmentParams(same_tokenizer = True)
+    anchor_vocab, augment_vocab = calm.anchor_adapter.vocab_size, calm.augment_adapters[index].vocab_size
+    differ = exists(anchor_vocab) and exists(augment_vocab) and anchor_vocab != augment_vocab
+    return differ and not exists(calm.augment_texts[index]) and not exists(calm.vocab_mismatch[index])
 
 def anchor_text_fields(calm: Composition) -> dict[str, Any]:
     anchor = peft_base_model(calm.anchor)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ from calm_pytorch.generation.kv_buffers import KVBuffer, fixed_memory
 from calm_pytorch.generation.lockstep import Lockstep
 from calm_pytorch.generation.sampling import sample
 from calm_pytorch.generation.text_stream import text_stream
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import exists, warn_user
 from calm_pytorch.models.adapter import DecodeState, ModelAdapter
 
 # axes
@@ -38,10 +37,9 @@ def warn_once_if_recomputing(adapter: ModelAdapter):
         return
 
     adapter.warned_recomputing = True
-    warnings.warn(
+    warn_user(
         f'{adapter.name} ({type(adapter.model).__name__}) cannot decode incrementally: {reason}. '
-        'generate recomputes its whole sequence at every step (same tokens, more work)',
-        stacklevel = 6  # the user's `calm.generate` (through the loop, no_grad and the mixin)
+        'generate recomputes its whole sequence at every step (same tokens, more work)'
     )
 
 class ComposedDecoder:

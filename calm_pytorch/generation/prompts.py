@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +8,7 @@ from torch import Tensor
 
 from calm_pytorch.composition.inputs import check_mask, check_tokens
 from calm_pytorch.composition.protocol import Composition
-from calm_pytorch.helpers import default, exists
+from calm_pytorch.helpers import default, exists, warn_user
 
 # the prompts of `generate`, checked before anything runs
 
@@ -84,12 +83,11 @@ def renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_pr
     if exists(mask) and exists(prompt_mask) and (anchor_tokens_as_prompt or anchor_mask_as_prompt_mask or old_augment_names):
         raise TypeError('`generate` was given `mask` and `prompt_mask` for the anchor\'s tokens: the anchor\'s mask is `mask`')
 
-    warnings.warn(
+    warn_user(
         '`generate`\'s arguments were renamed to agree with the forward\'s: the anchor\'s tokens and mask are `seq` and `mask` '
         '(were `prompt` and `prompt_mask`), the augments\' input and mask `prompt` and `prompt_mask` (were `augment_prompt` and '
         '`augment_prompt_mask`). The old names work until the next minor version',
-        FutureWarning,
-        stacklevel = 6  # the caller of generate, through no_grad and the type check
+        FutureWarning
     )
 
     if anchor_tokens_as_prompt:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from itertools import islice
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from calm_pytorch.calm import CALM
 from calm_pytorch.composition.loss import next_token_loss
-from calm_pytorch.helpers import exists, typecheck
+from calm_pytorch.helpers import exists, typecheck, warn_user
 from calm_pytorch.models.precision import on_meta
 from calm_pytorch.training.collate import Collator
 from calm_pytorch.training.data import MapDataset, ResumableDistributedSampler, as_kwargs, named, readable_rows, shard_stream, to_device
@@ -442,7 +441,7 @@ class FineTuner:
         changed = [name for name in given if given[name] != saved[name]]
 
         if len(changed) > 0 and self.distributed.is_main:
-            warnings.warn(
+            warn_user(
                 f'resuming from {path} with other settings than it was saved with: {", ".join(f"{name} {given[name]} (saved: {saved[name]})" for name in changed)}. '
                 'The learning rate, weight decay and betas stay the saved ones (the optimizer\'s state); another seed or grad_accum_every changes the data order or the steps'
             )
@@ -461,7 +460,7 @@ class FineTuner:
         same_shape = state['world_size'] == self.distributed.world_size and state['batch_size'] == self.batch_size
 
         if not same_shape and self.distributed.is_main:
-            warnings.warn(
+            warn_user(
                 f'resuming with world size {self.distributed.world_size} and batch size {self.batch_size}, '
                 f'saved with {state["world_size"]} and {state["batch_size"]}: the data order differs from an uninterrupted run'
             )

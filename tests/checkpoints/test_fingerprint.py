@@ -150,8 +150,11 @@ def test_an_old_checkpoint_without_identity_loads_with_a_warning(saved, anchor, 
     without_identity(path)
     other = compose(copy_of(anchor, 'attn_layers.layers.2.1.to_q.weight'), copy_of(augment))
 
-    with pytest.warns(UserWarning, match = 'without the identity of its frozen models'):
+    with pytest.warns(UserWarning, match = 'without the identity of its frozen models') as record:
         other.load(path)
+
+    # named at the user's line, not inside the package or its type check's wrapper
+    assert [warning.filename for warning in record] == [__file__]
 
     assert torch.equal(other.composition_state_dict()['cross_attns.0.0.to_q.weight'], calm.composition_state_dict()['cross_attns.0.0.to_q.weight'])
 

@@ -92,7 +92,7 @@ def test_a_saved_directory_loads_in_a_fresh_process_to_identical_logits(tmp_path
     assert isinstance(transformers.AutoConfig.from_pretrained(directory), type(calm.config))
 
     card = (directory / 'README.md').read_text()
-    assert 'library_name: calm-compose' in card and '| 0 | 4 | 2 | input | input |' in card and f'calm = CALM.from_pretrained("{directory}")' in card
+    assert 'library_name: calm-compose' in card and '| 0 | 4 | 2 | input | input |' in card and f'calm = CALM.from_pretrained({str(directory)!r})' in card
 
     ids = torch.tensor(byte_bpe()(['the cat sat on the mat', 'numbers like 12 and'], padding = True)['input_ids'])
 
@@ -144,6 +144,78 @@ def test_hub_repos_by_id_with_revisions_pinned(tmp_path, monkeypatch):
     # a composition over the moved branch's anchor is refused by its fingerprint
     with pytest.raises(CompositionMismatchError, match = "anchor: its weights differ"):
         CALM.from_pretrained('org/calm', anchor = transformers.AutoModelForCausalLM.from_pretrained('org/anchor', **hub), **hub)
+
+def test_an_anchor_loaded_at_another_revision_than_the_default_branch(tmp_path, monkeypatch):
+    # transformers 5 keeps no record of the revision a model was loaded at: with two in the cache,
+    # saving says which one config.json names, and loading the other says what to do
+    cache = tmp_path / 'hub'
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    hub = dict(cache_dir = cache, local_files_only = True)
+
+    anchor_dir, augment_dir = saved_models(tmp_path)
+    publish(anchor_dir, 'org/anchor', cache, 'a' * 40)
+    llama(128, 7).save_pretrained(tmp_path / 'anchor_v2')
+    publish(tmp_path / 'anchor_v2', 'org/anchor', cache, 'd' * 40)  # the default branch now
+
+    old = transformers.AutoModelForCausalLM.from_pretrained('org/anchor', revision = 'a' * 40, **hub)
+    calm = randomized(CALM(old, loaded(augment_dir), attn_kwargs = dict(heads = 2, dim_head = 8)))
+
+    with pytest.warns(UserWarning, match = r"the hub cache holds 2 revisions of org/anchor \(the anchor\).*names the default branch's, d{40}") as record:
+        calm.save_pretrained(tmp_path / 'calm')
+    assert [warning.filename for warning in record] == [__file__]
+
+    with pytest.raises(CompositionMismatchError, match = r'(?s)anchor: its weights differ.*the anchor, augment 0 came from the recorded source.*pass it in'):
+        CALM.from_pretrained(tmp_path / 'calm', **hub)
+
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(CALM.from_pretrained(tmp_path / 'calm', anchor = old, **hub)(input_ids = ids).logits, calm(input_ids = ids).logits)
+
+def test_wrong_or_missing_models_are_named_in_the_saved_compositions_terms(tmp_path):
+    anchor_dir, augment_dir = saved_models(tmp_path)
+    calm = randomized(CALM(loaded(anchor_dir), loaded(augment_dir), attn_kwargs = dict(heads = 2, dim_head = 8)))
+    calm.save_pretrained(tmp_path / 'calm')
+
+    # one augment may be given as it is, as to CALM itself
+    again = CALM.from_pretrained(tmp_path / 'calm', augments = loaded(augment_dir))
+    assert again.connections == calm.connections
+
+    # a shallower augment: the saved connections do not fit it
+    shallow = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size = 128, n_embd = 24, n_layer = 2, n_head = 2, n_positions = 64))
+    with pytest.raises(CompositionMismatchError, match = r'cannot be built over the models given: it composes the anchor LlamaForCausalLM \(2 layers\) with GPT2LMHeadModel \(4 layers\)'):
+        CALM.from_pretrained(tmp_path / 'calm', augments = [shallow])
+
+    # the anchor's directory moved away
+    shutil.move(anchor_dir, tmp_path / 'moved')
+    with pytest.raises(OSError, match = rf'(?s)the anchor \(LlamaForCausalLM\) could not be loaded from its recorded source {anchor_dir.resolve()}.*load it yourself and pass it: CALM.from_pretrained\(..., anchor = model\)'):
+        CALM.from_pretrained(tmp_path / 'calm')
+
+def test_an_augment_declared_to_share_the_tokenizer_keeps_it(tmp_path):
+    # one tokenizer, embedding tables padded to different sizes
+    anchor_dir, augment_dir = saved_models(tmp_path, anchor_vocab = 128, augment_vocab = 160)
+    calm = randomized(CALM(loaded(anchor_dir), AugmentParams(model = loaded(augment_dir), same_tokenizer = True), attn_kwargs = dict(heads = 2, dim_head = 8)))
+    calm.save_pretrained(tmp_path / 'calm')
+
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(CALM.from_pretrained(tmp_path / 'calm')(input_ids = ids).logits, calm(input_ids = ids).logits)
+
+def test_the_model_card_counts_an_anchors_lora_weights_as_trained(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    anchor_dir, augment_dir = saved_models(tmp_path)
+    anchor = get_peft_model(loaded(anchor_dir), LoraConfig(r = 4, target_modules = ['q_proj', 'v_proj'], task_type = 'CAUSAL_LM'))
+    calm = CALM(anchor, loaded(augment_dir), attn_kwargs = dict(heads = 2, dim_head = 8))
+    calm.save_pretrained(tmp_path / 'calm')
+
+    lora = sum(param.numel() for name, param in anchor.named_parameters() if 'lora_' in name)
+    composition = sum(param.numel() for param in calm.cross_attns.parameters())
+    frozen = sum(param.numel() for model in (anchor, calm.augments[0]) for param in model.parameters()) - lora
+
+    card = (tmp_path / 'calm' / 'README.md').read_text()
+    assert lora > 0
+    assert f"Trained: {composition + lora:,} (the composition and the anchor's own trainable parameters (e.g. LoRA)). Frozen: {frozen:,}" in card
+    assert 'pass it in, with the same adapters in place' in card
 
 def test_other_frozen_models_are_refused(tmp_path):
     anchor_dir, augment_dir = saved_models(tmp_path)

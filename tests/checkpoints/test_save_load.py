@@ -231,3 +231,25 @@ def test_failed_rename_leaves_previous_checkpoint(anchor, augment, tmp_path, mon
 
     assert path.read_bytes() == previous
     assert [file.name for file in tmp_path.iterdir()] == [path.name]
+
+def test_a_directory_or_a_file_in_the_way_is_named(anchor, augment, tmp_path):
+    calm = compose(anchor, augment)
+    (tmp_path / 'a_dir').mkdir()
+    (tmp_path / 'a_file').write_text('')
+
+    with pytest.raises(IsADirectoryError, match = r'a_dir is a directory; a checkpoint is one file'):
+        calm.save(tmp_path / 'a_dir')
+
+    with pytest.raises(NotADirectoryError, match = r'a_file is a file, not a directory'):
+        calm.save(tmp_path / 'a_file' / 'calm.safetensors')
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['a_dir', 'a_file']  # no temporary left
+
+def test_loading_into_a_composition_on_meta_is_refused(anchor, augment, tmp_path):
+    path = trained(compose(anchor, augment)).save(tmp_path / 'calm.safetensors')
+
+    with torch.device('meta'):
+        meta = compose(decoder(dim = 32, depth = 4), decoder(dim = 32, depth = 4))
+
+    with pytest.raises(ValueError, match = 'on the meta device, which holds no values'):
+        meta.load(path)
