@@ -29,6 +29,21 @@ from calm_pytorch.composition.protocol import Composition
 # shapes, so (like transformers' own checkpointing) a checkpointed call runs without it
 CACHE_KWARGS = ('cache', 'past_key_values', 'past_key_value', 'layer_past')  # 'cache': transformers >= 5.25
 
+def is_cache(value: Any) -> bool:
+    # a transformers Cache, passed by keyword or by position (GPT-2's blocks take it second)
+    return any(cls.__name__ == 'Cache' and cls.__module__.startswith('transformers') for cls in type(value).__mro__)
+
+def requiring_grad(args: tuple) -> tuple:
+    # reentrant checkpointing gives the parameters of a block gradients only when one of its inputs
+    # requires grad, which none does below the first connected layer (LoRA weights there). The
+    # first floating input, which has no history to lose, is made to
+    index = next((index for index, arg in enumerate(args) if isinstance(arg, torch.Tensor) and arg.is_floating_point()), None)
+
+    if index is None:
+        raise ValueError('reentrant checkpointing (use_reentrant = True) of a block with trainable parameters needs a floating input tensor passed by position; use the default use_reentrant = False')
+
+    return (*args[:index], args[index].detach().requires_grad_(), *args[index + 1:])
+
 def needs_gradients(module: Module, args: tuple, kwargs: dict) -> bool:
     tensors = [*args, *kwargs.values()]
     return any(getattr(tensor, 'requires_grad', False) for tensor in tensors) or any(param.requires_grad for param in module.parameters())
@@ -49,7 +64,11 @@ class CheckpointedForward:
         if not torch.is_grad_enabled() or not needs_gradients(self.module, args, kwargs):
             return self.forward(*args, **kwargs)
 
-        kwargs = {key: None if key in CACHE_KWARGS else value for key, value in kwargs.items()}
+        args = tuple(None if is_cache(arg) else arg for arg in args)
+        kwargs = {key: None if key in CACHE_KWARGS or is_cache(value) else value for key, value in kwargs.items()}
+
+        if getattr(self.checkpoint_fn, 'reentrant', False) and not any(getattr(arg, 'requires_grad', False) for arg in args):
+            args = requiring_grad(args)
 
         if 'use_cache' in kwargs:
             kwargs['use_cache'] = False
@@ -74,6 +93,7 @@ def checkpoint_function(checkpoint_kwargs: dict | None, offload: bool):
         with saving, early_stop:
             return checkpoint(function, *args, **checkpoint_kwargs)
 
+    run.reentrant = bool(checkpoint_kwargs['use_reentrant'])
     return run
 
 def first_block_with_gradients(calm: Composition) -> int:

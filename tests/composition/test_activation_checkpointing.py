@@ -45,6 +45,8 @@ ANCHORS = dict(
     x_transformers = (lambda: decoder(dim = 32, depth = 4, attn_dropout = 0.3, ff_dropout = 0.3), {}, lambda units: units[0].to_q),
     hf_llama = (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**hf_models.LLAMA_LIKE, 'num_hidden_layers': 4, 'attention_dropout': 0.3}, num_key_value_heads = 1)), {}, lambda units: units[0].input_layernorm),
     generic = (lambda: Generic(dropout = 0.3), dict(anchor_transformer_blocks = 'blocks.*'), lambda units: units[0].norm),
+    # its blocks take the cache by position, which the recompute must not write a second time
+    hf_gpt2 = (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size = 128, n_embd = 32, n_layer = 4, n_head = 2, attn_pdrop = 0.3, resid_pdrop = 0.3, embd_pdrop = 0.3)), {}, lambda units: units[0].ln_1),
 )
 
 def composition(name: str, connections = ((4, 2), (8, 4)), **kwargs) -> CALM:
@@ -164,8 +166,10 @@ def test_context_mode_and_every_n_layers():
     assert counts == {0: 1, 1: 2, 2: 1, 3: 2}
     assert_same_gradients(checkpointed_grads, grads)
 
-def test_trainable_parameters_inside_the_anchor_below_the_composition():
-    # e.g. LoRA weights the user trains with the composition: their block is checkpointed too
+@pytest.mark.parametrize('use_reentrant', (False, True))
+def test_trainable_parameters_inside_the_anchor_below_the_composition(use_reentrant):
+    # e.g. LoRA weights the user trains with the composition: their block is checkpointed too (and
+    # reentrant checkpointing, whose block inputs there require no grad, still gives them theirs)
     calm = composition('generic')
     first = calm.anchor.blocks[0].net[0]
     first.weight.requires_grad_(True)
@@ -175,7 +179,7 @@ def test_trainable_parameters_inside_the_anchor_below_the_composition():
     weight_grad, first.weight.grad = first.weight.grad.clone(), None
 
     counts = count_block_calls(calm, 'generic')
-    calm.gradient_checkpointing_enable()
+    calm.gradient_checkpointing_enable(gradient_checkpointing_kwargs = dict(use_reentrant = use_reentrant))
     _, checkpointed_grads, _ = training_step(calm, seq)
 
     assert counts == {0: 2, 1: 2, 2: 2, 3: 2}
