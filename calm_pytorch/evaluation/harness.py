@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +18,8 @@ from calm_pytorch.helpers import exists
 # A composition in EleutherAI's lm-evaluation-harness. lm_eval's HFLM cannot take a CALM: it calls
 # `model(ids).logits` on right-padded batches without a mask and `model.generate(input_ids, attention_mask)`
 # with transformers' keywords, so a subclass must translate every call, and one that forgets to
-# hand lm_eval's attention mask to CALM as its `prompt_mask` silently changes left-padded
-# generations. This class calls CALM itself:
+# hand lm_eval's attention mask to CALM as its `mask` silently changes left-padded generations.
+# This class calls CALM itself:
 #
 # - loglikelihood: (context + continuation)[:-1], right-padded with a mask, one forward; the
 #   log-probabilities of the continuation tokens summed, and whether each was the argmax
@@ -30,13 +31,15 @@ from calm_pytorch.helpers import exists
 # augments read a separate text, tokenized and right-padded with its mask: the document field
 # `prompt_field` when given, else the request's context (the text before the scored
 # continuation). A rolling loglikelihood has no context: in context mode it needs `prompt_field`,
-# else the augment would read the very text being scored.
+# else the augment would read the very text being scored. A text longer than an augment reads is
+# cut on the left, as lm_eval cuts the anchor's context.
 
 logger = logging.getLogger(__name__)
 
 MODES = ('aligned', 'context')
 GENERATION_KEYWORDS = {'until', 'max_gen_toks', 'do_sample', 'temperature', 'top_k', 'top_p', 'min_p'}
 DEFAULT_MAX_LENGTH = 2048
+OWN_ARGUMENTS = ('pretrained', 'tokenizer', 'mode', 'prompt_field', 'augment_tokenizer', 'batch_size', 'max_length', 'max_gen_toks', 'device', 'add_bos_token', 'max_batch_size')
 
 def load_calm(pretrained: str | CALM, load_kwargs: dict[str, Any]) -> CALM:
     if isinstance(pretrained, CALM):
@@ -45,17 +48,37 @@ def load_calm(pretrained: str | CALM, load_kwargs: dict[str, Any]) -> CALM:
         return pretrained
 
     # a directory written by `calm.save_pretrained`, or a Hub repo id
-    return CALM.from_pretrained(pretrained, **load_kwargs)
+    try:
+        return CALM.from_pretrained(pretrained, **load_kwargs)
+    except TypeError as error:
+        # a misspelt model argument reaches the frozen models' constructors
+        if len(load_kwargs) == 0:
+            raise
+        raise TypeError(f'{error}\nThe model arguments {sorted(load_kwargs)} are not CALMEvalModel\'s own ({", ".join(OWN_ARGUMENTS)}), so they went to CALM.from_pretrained: is one misspelt?') from error
+
+def positive_int(value: Any, name: str) -> int:
+    # lm_eval's command line gives strings; 2.7 or -1 would be a wrong batch, not an error
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and value.strip().isdigit()) or int(value) < 1:
+        raise ValueError(f'`{name}` must be a positive integer, got {value!r}')
+
+    return int(value)
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in ('tokenizer.json', 'tokenizer_config.json'))
 
 def load_tokenizer(tokenizer: Any, pretrained: str | CALM, calm: CALM, name: str) -> Any:
     if not exists(tokenizer) and exists(calm.anchor_text):
         tokenizer = calm.anchor_text.tokenizer  # given to CALM at construction
 
-    if not exists(tokenizer) and isinstance(pretrained, str):
-        tokenizer = pretrained  # save_pretrained writes the anchor's tokenizer beside the composition
+    # save_pretrained writes the anchor's tokenizer beside the composition, when it was given one
+    if not exists(tokenizer) and isinstance(pretrained, str) and not (Path(pretrained).is_dir() and not has_tokenizer_files(Path(pretrained))):
+        tokenizer = pretrained
 
     if not exists(tokenizer):
-        raise ValueError(f'`{name}` is needed: lm_eval gives text, and the CALM has no anchor tokenizer; pass a transformers tokenizer or its name or path')
+        raise ValueError(
+            f'`{name}` is needed: lm_eval gives text, and the CALM has no anchor tokenizer (nor was one saved with it: '
+            'calm.save_pretrained(dir, tokenizer = ...)); pass a transformers tokenizer or its name or path'
+        )
 
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
@@ -128,6 +151,10 @@ class CALMEvalModel(TemplateLM):
         if str(batch_size).startswith('auto'):
             raise ValueError('batch_size = "auto" is not supported for a CALM; give a number')
 
+        positive_int(batch_size, 'batch_size')  # before loading anything
+        if exists(max_length):
+            positive_int(max_length, 'max_length')
+
         self.calm = load_calm(pretrained, load_kwargs)
         self.calm.eval()
 
@@ -142,10 +169,21 @@ class CALMEvalModel(TemplateLM):
 
         self.mode = mode
         self.prompt_field = prompt_field
-        self.batch_size = int(batch_size)
-        self.max_gen_toks = int(max_gen_toks)
+        self.batch_size = positive_int(batch_size, 'batch_size')
+        self.max_gen_toks = positive_int(max_gen_toks, 'max_gen_toks')
         self.add_bos_token = add_bos_token
         self._max_length = max_length
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> CALMEvalModel:
+        # lm_eval's command line adds its own `--batch_size` (1 unless given) and device to the
+        # model arguments: one given in `--model_args` too is the more specific, and wins
+        extra = {key: value for key, value in (additional_config or {}).items() if exists(value) and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> CALMEvalModel:
+        return cls.create_from_arg_obj(lm_eval_utils.simple_parse_args_string(arg_string), additional_config)
 
     # what lm_eval reads
 
@@ -187,6 +225,25 @@ class CALMEvalModel(TemplateLM):
         special = {} if not exists(add_special_tokens) else dict(add_special_tokens = add_special_tokens)
         return self.tokenizer.encode(string, **special)
 
+    # chat templates (`--apply_chat_template`): the anchor tokenizer's, as lm_eval's HFLM applies them
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+
+        template = getattr(self.tokenizer, 'chat_template', None)
+
+        if isinstance(template, dict):
+            template = template.get(chat_template if isinstance(chat_template, str) else 'default')
+
+        if not exists(template):
+            raise ValueError(f'a chat template was asked for ({chat_template!r}), but the anchor\'s tokenizer has none of that name')
+
+        return template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize = False, add_generation_prompt = add_generation_prompt, continue_final_message = not add_generation_prompt)
+
     # what the augments read
 
     def augment_texts(self, requests: list, contexts: list[str] | None) -> list[str] | None:
@@ -210,7 +267,10 @@ class CALMEvalModel(TemplateLM):
         if not exists(texts):
             return dict()
 
+        # cut on the left to what every augment reads, as the anchor's context is cut to max_length
+        limits = [adapter.configured_len for adapter in self.calm.augment_adapters if exists(adapter.configured_len)]
         rows = [self.augment_tokenizer.encode(text) for text in texts]
+        rows = [row[-min(limits):] for row in rows] if len(limits) > 0 else rows
         prompt, prompt_mask = pad_rows(rows, self.augment_tokenizer.pad_token_id or 0, 'right', self.device)
         return dict(prompt = prompt, prompt_mask = prompt_mask)
 

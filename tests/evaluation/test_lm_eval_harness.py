@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -207,6 +208,33 @@ def test_context_mode_reads_the_document_field(composition):
     with pytest.raises(KeyError, match = 'no such field'):
         CALMEvalModel(calm, tokenizer = tokenizer, mode = 'context', prompt_field = 'missing').loglikelihood(requests[:1])
 
+def test_context_mode_cuts_a_long_document_on_the_left(composition):
+    # the augment reads at most 64 positions; a few-shot context is longer
+    calm, tokenizer = composition
+    doc = dict(question = 'the cat sat on the', document = ' '.join(['numbers like 12 and 345 are words too'] * 12))
+    document = tokenizer.encode(doc['document'])
+    assert len(document) > 64
+
+    model = CALMEvalModel(calm, tokenizer = tokenizer, mode = 'context', prompt_field = 'document')
+    (logprob, _), = model.loglikelihood([request('loglikelihood', (doc['question'], ' mat'), doc)])
+
+    context, whole = tokenizer.encode(doc['question']), tokenizer.encode(doc['question'] + ' mat')
+    assert logprob == pytest.approx(direct_loglikelihood(calm, whole, len(whole) - len(context), prompt = torch.tensor([document[-64:]])), abs = 1e-4)
+
+def test_chat_templates_are_the_anchor_tokenizers(tmp_path, composition):
+    calm, tokenizer = composition
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+
+    results = simple_evaluate(model = CALMEvalModel(calm, tokenizer = tokenizer), tasks = ['calm_choice'], task_manager = write_tasks(tmp_path), log_samples = True, bootstrap_iters = 0, apply_chat_template = True)
+    sample = min(results['samples']['calm_choice'], key = lambda sample: sample['doc_id'])
+    context, continuation = sample['arguments'][0]
+
+    assert context == f"user: {QUESTIONS[0]['question']}\nassistant:" and continuation == QUESTIONS[0]['choices'][0]
+
+    with pytest.raises(ValueError, match = "the anchor's tokenizer has none"):
+        CALMEvalModel(calm, tokenizer = byte_bpe()).chat_template(True)
+
 def test_registered_and_clear_about_bad_arguments(composition):
     calm, tokenizer = composition
     assert get_model('calm') is CALMEvalModel
@@ -222,6 +250,15 @@ def test_registered_and_clear_about_bad_arguments(composition):
 
     with pytest.raises(ValueError, match = 'tokenizer'):
         CALMEvalModel(calm)
+
+    for wrong in (0, -1, 2.7, True, 'eight'):
+        with pytest.raises(ValueError, match = rf'`batch_size` must be a positive integer, got {wrong!r}'):
+            CALMEvalModel(calm, tokenizer = tokenizer, batch_size = wrong)
+
+    # lm_eval's command line adds its own batch size (1 unless given) to the model arguments: theirs win
+    model = CALMEvalModel.create_from_arg_obj(dict(pretrained = calm, tokenizer = tokenizer, batch_size = '8'), dict(batch_size = 1, max_batch_size = None, device = None))
+    assert model.batch_size == 8
+    assert CALMEvalModel.create_from_arg_obj(dict(pretrained = calm, tokenizer = tokenizer), dict(batch_size = '3', device = None)).batch_size == 3
 
 def test_command_line_loads_a_saved_composition(tmp_path, composition):
     # frozen models saved where from_pretrained finds them again, the composition beside them
@@ -243,6 +280,21 @@ def test_command_line_loads_a_saved_composition(tmp_path, composition):
     ]
     result = subprocess.run(command, cwd = ROOT, capture_output = True, text = True, env = {**os.environ, 'HF_DATASETS_OFFLINE': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
+
+    # as docs/ecosystem.md writes it: the batch size among the model arguments
+    command[command.index('--model_args') + 1] += ',batch_size=2'
+    del command[command.index('--batch_size'):command.index('--batch_size') + 2]
+    command[command.index('--output_path') + 1] = str(tmp_path / 'out_docs')
+    result = subprocess.run(command, cwd = ROOT, capture_output = True, text = True, env = {**os.environ, 'HF_DATASETS_OFFLINE': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # a directory saved without a tokenizer, and a misspelt model argument, are named
+    calm.save_pretrained(tmp_path / 'no_tokenizer')
+    with pytest.raises(ValueError, match = r'nor was one saved with it: calm.save_pretrained\(dir, tokenizer = ...\)'):
+        CALMEvalModel(str(tmp_path / 'no_tokenizer'))
+
+    with pytest.raises(TypeError, match = r"The model arguments \['prompt_feild'\] are not CALMEvalModel's own.*misspelt"):
+        CALMEvalModel(str(tmp_path / 'calm'), prompt_feild = 'document')
 
     samples_file, = (tmp_path / 'out').rglob('samples_calm_choice_*.jsonl')
     from_cli = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key = lambda sample: sample['doc_id'])
