@@ -29,11 +29,19 @@ def main(argv: list[str] | None = None):
     parser.add_argument('--connections', default = None, help = 'JSON: per augment a list of [augment_layer, anchor_layer] pairs, or null for the default')
     args = parser.parse_args(argv)
 
+    try:
+        connections = None if args.connections is None else json.loads(args.connections)
+    except json.JSONDecodeError as error:
+        parser.error(f'--connections is not JSON ({error}): e.g. \'[[[4, 2], [8, 4]]]\' for one augment')
+
+    if connections is not None and not (isinstance(connections, list) and all(pairs is None or isinstance(pairs, list) for pairs in connections)):
+        parser.error(f'--connections must be a JSON list with, per augment, a list of [augment_layer, anchor_layer] pairs or null; got {args.connections}')
+
     plan = memory_plan(
         args.anchor, args.augment, dtype = args.dtype, batch = args.batch, seq_len = args.seq_len, processes = args.processes,
         fsdp = args.fsdp, activation_checkpointing = args.checkpointing, anchor_quantization = args.anchor_quantization,
         augment_quantization = args.augment_quantization, attn_kwargs = dict(heads = args.heads, dim_head = args.dim_head),
-        connections = None if args.connections is None else [None if pairs is None else [tuple(pair) for pair in pairs] for pairs in json.loads(args.connections)]
+        connections = None if connections is None else [None if pairs is None else [tuple(pair) for pair in pairs] for pairs in connections]
     )
     print(plan.table())
 

@@ -8,7 +8,6 @@ import torch
 
 from calm_pytorch.calm import CALM
 from calm_pytorch.composition.activation_checkpointing import first_block_with_gradients
-from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.plan.activations import AnchorShape, cross_attention, cross_attention_mask
 from calm_pytorch.plan.configs import load_config, meta_model, meta_masks
@@ -113,8 +112,15 @@ def memory_plan(
     attn_kwargs, connections, composition_dtype: as `CALM` and `AugmentParams` take them
                       (connections: one entry per augment, None for the default)"""
 
+    for name, value in dict(batch = batch, seq_len = seq_len, processes = processes).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'`{name}` must be a positive integer, got {value!r}')
+
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     augments = list(augments) if isinstance(augments, (list, tuple)) else [augments]
+
+    if connections is not None and len(connections) != len(augments):
+        raise ValueError(f'`connections` holds {len(connections)} entries for {len(augments)} augment(s): one per augment (None for the default)')
     shards = processes if fsdp else 1
 
     anchor_config = load_config(anchor)
@@ -136,12 +142,21 @@ def memory_plan(
     tokens = batch * seq_len
 
     cross = 0
-    for block in calm.cross_attns.modules():
-        if isinstance(block, CrossAttentionBlock):
+    readers: dict = {}
+    for sites, blocks in zip(calm.anchor_sites, calm.cross_attns):
+        for site, block in zip(sites, blocks):
             element = block.to_q.weight.element_size()
             dim_head = block.to_q.out_features // block.heads
             cross += tokens * cross_attention(block.to_context.out_features, block.to_context.in_features, block.heads, dim_head, element)
             cross += cross_attention_mask(seq_len, element)
+            readers.setdefault(site.key, []).append(block)
+
+    # blocks of several augments writing one anchor site read the same hidden state: uncast (the
+    # composition in the anchor's dtype) autograd keeps it once, not once per block
+    for blocks in readers.values():
+        uncast = [block for block in blocks if block.to_q.weight.dtype == dtype]
+        if len(uncast) > 1:
+            cross -= (len(uncast) - 1) * tokens * uncast[0].norm.normalized_shape[0] * uncast[0].to_q.weight.element_size()
 
     head = tokens * shape.head() + shape.loss()
     one_block = tokens * shape.block()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -65,6 +66,34 @@ def test_the_plan_counts_what_a_real_step_holds(dtype, checkpointing):
     assert plan.kept == saved.bytes
     assert plan.activations > plan.kept if checkpointing else plan.activations == plan.kept
     loss.backward()
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids = ['float32', 'bfloat16'])
+def test_two_augments_writing_the_same_anchor_layers(dtype):
+    # uncast, both blocks of a layer read one saved anchor hidden state
+    other = dict(model_type = 'gpt2', vocab_size = 512, n_embd = 32, n_layer = 4, n_head = 2, n_positions = 128)
+    plan = memory_plan(ANCHOR, [AUGMENT, other], dtype = dtype, batch = BATCH, seq_len = SEQ, attn_kwargs = ATTN)
+
+    calm = CALM(real(ANCHOR, dtype), [real(AUGMENT, dtype), real(other, dtype)], attn_kwargs = ATTN)
+    assert {anchor for _, anchor in calm.connections[0]} & {anchor for _, anchor in calm.connections[1]}
+
+    with SavedTensors(calm) as saved:
+        calm(torch.randint(3, ANCHOR['vocab_size'], (BATCH, SEQ + 1)), use_cache = False)
+
+    assert plan.kept == saved.bytes
+
+def test_sizes_and_connections_are_checked(capsys):
+    for name in ('batch', 'seq_len', 'processes'):
+        for wrong in (0, -2):
+            with pytest.raises(ValueError, match = rf'`{name}` must be a positive integer, got {wrong}'):
+                memory_plan(ANCHOR, AUGMENT, **{name: wrong})
+
+    with pytest.raises(ValueError, match = r'`connections` holds 2 entries for 1 augment\(s\)'):
+        memory_plan(ANCHOR, AUGMENT, connections = [None, None])
+
+    for wrong, message in (('[]', 'holds 0 entries'), ('[[[4, 2]', 'is not JSON'), ('{"a": 1}', 'must be a JSON list')):
+        with pytest.raises((SystemExit, ValueError), match = None) as raised:
+            main(['--anchor', json.dumps(ANCHOR), '--augment', json.dumps(AUGMENT), '--connections', wrong])
+        assert message in (str(raised.value) if raised.type is ValueError else capsys.readouterr().err)
 
 @pytest.mark.parametrize('checkpointing', [False, True], ids = ['plain', 'checkpointing'])
 def test_int8_anchor(checkpointing):
@@ -131,3 +160,28 @@ def test_the_command_prints_the_table(tmp_path, capsys):
     assert 'connections [[(4, 2), (8, 8)]]; 6 of 8 anchor blocks carry the gradient' in output
     assert f'| total | {plan.total / 2 ** 30:.2f} |' in output
     assert f'| frozen weights | {frozen_bytes(real(ANCHOR, torch.float32)) / 2 ** 30 + frozen_bytes(real(AUGMENT, torch.float32)) / 2 ** 30:.2f} |' in output
+
+def llama_table() -> list[str]:
+    table = [line for line in (ROOT / 'docs' / 'scaling.md').read_text().splitlines() if line.startswith('| llama-')]
+    assert len(table) == 5
+    return table
+
+# the first row always; all five (4 plans each, 2 minutes on 2 cores) with CALM_SLOW_TESTS=1, as in CI
+@pytest.mark.parametrize('row', [0, *(pytest.param(row, marks = pytest.mark.skipif(os.environ.get('CALM_SLOW_TESTS') != '1', reason = 'slow: set CALM_SLOW_TESTS=1 to run it')) for row in range(1, 5))])
+def test_the_docs_table_of_llama_shapes_is_what_the_plan_says(row):
+    # docs/scaling.md's table, from the published shapes (meta models: nothing allocated)
+    gib = 2 ** 30
+
+    for line in llama_table()[row:row + 1]:
+        anchor, augment = line.split('|')[1].strip().split(' + ')
+        plain, checkpointed = memory_plan(anchor, augment), memory_plan(anchor, augment, activation_checkpointing = True)
+        int8 = memory_plan(anchor, augment, activation_checkpointing = True, anchor_quantization = 'int8')
+        sharded = memory_plan(anchor, augment, processes = 8, fsdp = True, activation_checkpointing = True)
+
+        cells = [
+            f'{anchor} + {augment}', f'{plain.anchor_params / 1e9:.2f}B + {plain.augment_params[0] / 1e9:.2f}B',
+            f'{plain.composition_params / 1e6:.0f}M ({len(plain.connections[0])})', f'{plain.frozen / gib:.1f}',
+            f'{(plain.composition + plain.gradients + plain.optimizer) / gib:.2f}', f'{plain.activations / gib:.1f} / {checkpointed.activations / gib:.1f}',
+            f'{plain.total / gib:.1f}', f'{checkpointed.total / gib:.1f}', f'{int8.total / gib:.1f}', f'{sharded.frozen / gib:.1f}', f'{sharded.total / gib:.1f}'
+        ]
+        assert line == '| ' + ' | '.join(cells) + ' |'
