@@ -29,7 +29,8 @@ from calm_pytorch.composition.params import AugmentParams
 from calm_pytorch.composition.summary import summarize
 from calm_pytorch.generation.mixin import GenerationMixin
 from calm_pytorch.helpers import exists, typecheck
-from calm_pytorch.models.factory import make_adapter
+from calm_pytorch.models.factory import make_adapter, peft_base_model
+from calm_pytorch.models.hf_discovery import loaded_from_dir
 from calm_pytorch.models.precision import model_device, on_meta
 from calm_pytorch.models.sites import HiddenPosition
 from calm_pytorch.text.tokenizers import text_readers
@@ -92,6 +93,10 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         self.anchor = anchor_llm
         self.augments = ModuleList([augment.model for augment in augments])
         self.anchor_text, self.augment_texts = text_readers(anchor_tokenizer, [augment.tokenizer for augment in augments])
+
+        # where transformers models were loaded from, while a relative path still means the same
+        # directory: a composition saved later, from elsewhere, names it (calm.config)
+        self.model_dirs = [loaded_from_dir(peft_base_model(model)) for model in (anchor_llm, *self.augments)]
 
         # adapters: where each model's layers are, in execution order, and how to call it
 

@@ -48,10 +48,11 @@ class CALMConfig(PretrainedConfig):
 # AutoConfig.from_pretrained reads a composition directory's config.json
 AutoConfig.register('calm', CALMConfig, exist_ok = True)
 
-def model_source(model: Module) -> dict[str, Any]:
+def model_source(model: Module, loaded_dir: str | None = None) -> dict[str, Any]:
     """Where a frozen model came from, as far as it says: its class, and for a transformers model
-    the hub id or local path it was loaded from and the revision resolved (None when it was built
-    from a config), and its dtype."""
+    the hub id or local path it was loaded from (`loaded_dir`: that path made absolute when the
+    composition was built) and the revision resolved (None when it was built from a config), and
+    its dtype."""
 
     model = peft_base_model(model)
     dtype = floating_dtype(model)
@@ -64,7 +65,7 @@ def model_source(model: Module) -> dict[str, Any]:
     )
 
     if is_hf_model(model):
-        source['source'] = model.config.name_or_path or None
+        source['source'] = loaded_dir or model.config.name_or_path or None
         source['revision'] = hub_revision(model.config)
 
     return source
@@ -145,12 +146,13 @@ def anchor_text_fields(calm: Composition) -> dict[str, Any]:
 
 def composition_config(calm: Composition) -> CALMConfig:
     dtype = floating_dtype(calm.anchor)
+    dirs = getattr(calm, 'model_dirs', None) or [None] * (1 + len(calm.augments))  # a CALM pickled before they were kept
 
     return CALMConfig(
         architectures = ['CALM'],
         dtype = dtype,
-        anchor = model_source(calm.anchor),
-        augments = [model_source(model) for model in calm.augments],
+        anchor = model_source(calm.anchor, dirs[0]),
+        augments = [model_source(model, loaded_dir) for model, loaded_dir in zip(calm.augments, dirs[1:])],
         composition = composition_description(calm),
         **anchor_text_fields(calm)
     )

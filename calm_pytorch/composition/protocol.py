@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 # way only: CALM calls them, they never call back.
 
 class Composition(Protocol):
-    # the frozen models and how to call them
+    # the frozen models and how to call them (model_dirs: for the anchor, then each augment, the
+    # absolute directory a transformers model was loaded from, or None)
     anchor: Module
     augments: ModuleList
+    model_dirs: list[str | None]
     anchor_adapter: ModelAdapter
     augment_adapters: list[ModelAdapter]
 

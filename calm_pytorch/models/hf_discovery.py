@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch.nn import Module, ModuleList
@@ -25,6 +26,13 @@ def is_hf_model(model: Module) -> bool:
 
     pretrained = getattr(modeling_utils, 'PreTrainedModel', None)
     return isinstance(pretrained, type) and isinstance(model, pretrained)
+
+def loaded_from_dir(model: Module) -> str | None:
+    """The absolute path of the local directory a transformers model was loaded from (its config
+    keeps the path as given, relative to the directory the process was in then), else None."""
+
+    name = getattr(getattr(model, 'config', None), 'name_or_path', None)
+    return str(Path(name).resolve()) if is_hf_model(model) and isinstance(name, str) and name and Path(name).is_dir() else None
 
 def text_config(model: Module) -> Any:
     config = model.config

@@ -190,6 +190,23 @@ def test_wrong_or_missing_models_are_named_in_the_saved_compositions_terms(tmp_p
     with pytest.raises(OSError, match = rf'(?s)the anchor \(LlamaForCausalLM\) could not be loaded from its recorded source {anchor_dir.resolve()}.*load it yourself and pass it: CALM.from_pretrained\(..., anchor = model\)'):
         CALM.from_pretrained(tmp_path / 'calm')
 
+def test_models_loaded_from_relative_directories_are_found_from_elsewhere(tmp_path, monkeypatch):
+    saved_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    calm = randomized(CALM(loaded('anchor'), loaded('augment'), attn_kwargs = dict(heads = 2, dim_head = 8)))
+
+    # saved after moving to another directory, which holds no `anchor` folder
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    calm.save_pretrained('calm')
+
+    config = json.loads(Path('calm/config.json').read_text())
+    assert [config['anchor']['source'], config['augments'][0]['source']] == [str(tmp_path / 'anchor'), str(tmp_path / 'augment')]
+
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(CALM.from_pretrained('calm')(input_ids = ids).logits, calm(input_ids = ids).logits)
+
 def test_an_augment_declared_to_share_the_tokenizer_keeps_it(tmp_path):
     # one tokenizer, embedding tables padded to different sizes
     anchor_dir, augment_dir = saved_models(tmp_path, anchor_vocab = 128, augment_vocab = 160)
