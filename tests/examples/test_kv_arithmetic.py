@@ -185,3 +185,13 @@ def test_second_run_loads_the_cache_and_reproduces(tmp_path, capsys):
     assert 'CALM with trained m_A' not in printed  # no training progress on the second run
     assert first[0].accuracy == second[0].accuracy
     assert first[0].curves == second[0].curves
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds', '0'], 'argument --seeds: must be positive, got 0'),
+    (['--composition-steps', '-3'], 'argument --composition-steps: must be positive, got -3'),
+    (['--held-in-fraction', '1.5'], 'argument --held-in-fraction: must be between 0 and 1, got 1.5'),
+])
+def test_the_command_line_refuses_counts_of_nothing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        kv_arithmetic.parse_args(argv)
+    assert message in capsys.readouterr().err
