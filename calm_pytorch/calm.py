@@ -223,8 +223,11 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
                 hooks.remove()
 
         for module, modes, flags in self._frozen_state:
-            for name, sub in module.named_modules():
-                sub.training = modes.get(name, sub.training)
+            if isinstance(modes, bool):
+                module.train(modes)  # pickled by 0.1.0, which kept the model's own mode only
+            else:
+                for name, sub in module.named_modules():
+                    sub.training = modes.get(name, sub.training)
             for name, param in module.named_parameters():
                 if name in flags:
                     param.requires_grad_(flags[name])
