@@ -71,6 +71,15 @@ pytree.register_pytree_node(
     flatten_with_keys_fn = flatten_output_with_keys
 )
 
+def config_module():
+    try:
+        import calm_pytorch.composition.hf_config as hf_config
+    except ImportError as error:
+        # an AttributeError: a tool's getattr(model, 'config', None) reads "no config", as for any model without one
+        raise AttributeError(f'`calm.config` is a transformers config: install transformers (pip install -e ".[hf]"); {error}') from error
+
+    return hf_config
+
 class CausalLMAttributes:
     """Mixin giving CALM the attributes that tools taking a transformers causal LM read of the
     model before they call it (Trainer, TRL, lm_eval, model cards): `.device` and `.dtype` (the
@@ -95,15 +104,17 @@ class CausalLMAttributes:
         # built once, at the first read: tools set fields on it (Trainer sets `use_cache`) and
         # expect them to stay; kept out of the module's state (a plain attribute, not a buffer)
         if '_calm_config' not in self.__dict__:
-            try:
-                from calm_pytorch.composition.hf_config import composition_config
-            except ImportError as error:
-                # an AttributeError: a tool's getattr(model, 'config', None) reads "no config", as for any model without one
-                raise AttributeError(f'`calm.config` is a transformers config: install transformers (pip install "calm-compose[hf]"); {error}') from error
-
-            self.__dict__['_calm_config'] = composition_config(self)
+            self.__dict__['_calm_config'] = config_module().composition_config(self)
 
         return self.__dict__['_calm_config']
+
+    def __getattr__(self, name: str):
+        # a property raising AttributeError sends Python here, and torch's Module.__getattr__
+        # would answer with its generic message: say why `config` is missing
+        if name in ('config', 'name_or_path'):
+            config_module()
+
+        return super().__getattr__(name)
 
     @property
     def name_or_path(self) -> str:

@@ -108,6 +108,10 @@ class FineTuner:
             if value < 1:
                 raise ValueError(f'{name} must be at least 1, got {value}')
 
+        # clip_grad_norm_ scales by max_norm / norm: a negative bound turns every gradient around, zero wipes it out
+        if exists(max_grad_norm) and not max_grad_norm > 0:
+            raise ValueError(f'max_grad_norm must be positive (None: no clipping), got {max_grad_norm}')
+
         if exists(eval_every) != exists(eval_fn):
             raise ValueError('eval_fn and eval_every go together: pass both to evaluate every eval_every steps, or neither')
 

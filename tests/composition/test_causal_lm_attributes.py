@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from conftest import decoder
@@ -63,6 +66,18 @@ def test_config_of_an_x_transformers_composition():
 
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.max_position_embeddings) == (256, 32, 4, 64)
     assert config.anchor == dict(library = 'x_transformers', model_class = 'TransformerWrapper', source = None, revision = None, dtype = 'float32')
+
+def test_without_transformers_config_says_what_to_install(monkeypatch):
+    calm = CALM(decoder(dim = 32, depth = 4), decoder(dim = 24, depth = 4))
+    monkeypatch.setitem(sys.modules, 'calm_pytorch.composition.hf_config', None)  # as if transformers were not installed
+
+    # still an AttributeError (a tool's getattr(model, 'config', None) reads "no config"), with the reason
+    for name in ('config', 'name_or_path'):
+        with pytest.raises(AttributeError, match = r'`calm.config` is a transformers config: install transformers'):
+            getattr(calm, name)
+
+    assert getattr(calm, 'config', None) is None
+    assert isinstance(calm.cross_attns, torch.nn.ModuleList)  # submodules are found as before
 
 def test_output_is_a_pytree_node():
     output = CALMOutput(loss = torch.tensor(1.), logits = torch.ones(2, 3, 4))

@@ -217,6 +217,11 @@ def test_gradients_are_clipped_by_default_and_clipping_can_be_turned_off():
     assert all(record['grad_norm'] is None for record in history)
     assert min(seen) > 10
 
+    # a bound of 0 would wipe every gradient out, a negative one turn it around
+    for wrong in (0., -1.):
+        with pytest.raises(ValueError, match = rf'max_grad_norm must be positive \(None: no clipping\), got {wrong}'):
+            finetuner(build(), data, num_train_steps = 2, max_grad_norm = wrong)
+
 def test_warmup_then_cosine_schedule():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr = 1.)
