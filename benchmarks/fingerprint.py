@@ -8,6 +8,7 @@ estimate scales the measured time per tensor to Llama-2-7B's 291 parameter tenso
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -44,4 +45,5 @@ def main():
         del model
 
 if __name__ == '__main__':
+    argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter).parse_args()  # --help, before building 667M parameters
     main()

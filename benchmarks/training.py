@@ -354,7 +354,7 @@ def ratio(value: float, limit: float) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action = 'store_true', help = 'tiny models and few steps, a sanity check in seconds')
+    parser.add_argument('--quick', action = 'store_true', help = 'tiny models and few steps, a sanity check (minutes on a CPU: most of it compiles the torch.compile variant; add --variants limit,calm_pytorch for seconds)')
     parser.add_argument('--sizes', default = 'readme,large', help = 'comma-separated: readme, large, quick')
     parser.add_argument('--modes', default = 'aligned,context')
     parser.add_argument('--augments', default = '1,3', help = 'comma-separated numbers of augments')

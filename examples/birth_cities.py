@@ -599,7 +599,7 @@ def plot(results: dict, mixes: list[str], path: Path):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('matplotlib is not installed (pip install "calm-compose[examples]"): no plot')
+        print('matplotlib is not installed (pip install -e ".[examples]"): no plot')
         return
 
     fig, (bars, curves) = plt.subplots(1, 2, figsize = (13, 5), gridspec_kw = dict(width_ratios = (3, 2)))

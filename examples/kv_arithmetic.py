@@ -394,7 +394,7 @@ def plot(results: list[SeedResult], path: Path):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('matplotlib is not installed (pip install "calm-compose[examples]"): no plot')
+        print('matplotlib is not installed (pip install -e ".[examples]"): no plot')
         return
 
     fig, ax = plt.subplots(figsize = (7, 4.2))

