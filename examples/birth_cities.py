@@ -44,6 +44,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers sit next to this script
 
 import birth_cities_data as data  # noqa: E402
+from cli_types import positive_float, positive_int  # noqa: E402
 import real_models  # noqa: E402
 from calm_pytorch import CALM, AugmentParams  # noqa: E402
 
@@ -645,15 +646,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type = Path, default = Path('runs/birth_cities'), help = 'directory caching trained weights and answers (default: %(default)s)')
     parser.add_argument('--seed', type = int, default = 0, help = 'first seed (default: %(default)s)')
-    parser.add_argument('--seeds', type = int, default = 1, help = 'number of seeds, from --seed on; the table then shows mean ± sd (default: %(default)s)')
+    parser.add_argument('--seeds', type = positive_int, default = 1, help = 'number of seeds, from --seed on; the table then shows mean ± sd (default: %(default)s)')
     parser.add_argument('--mixes', nargs = '+', choices = tuple(MIXES), default = list(MIXES), help = 'composition data mixes to train (default: all)')
     parser.add_argument('--quick', action = 'store_true', help = 'a few people and steps through the whole pipeline (for tests; its numbers mean nothing)')
-    parser.add_argument('--threads', type = int, default = 2, help = 'CPU threads for torch (default: %(default)s)')
+    parser.add_argument('--threads', type = positive_int, default = 2, help = 'CPU threads for torch (default: %(default)s)')
     parser.add_argument('--plot', type = Path, default = None, help = 'where to write the PNG plot (default: <out>/birth_cities.png)')
-    parser.add_argument('--steps', type = int, default = None, help = f'training steps of CALM, control and LoRA (default: {Config.steps})')
-    parser.add_argument('--eval-held-out', type = int, default = None, help = f'held-out people asked about (default: {Config.eval_held_out})')
-    parser.add_argument('--eval-held-in', type = int, default = None, help = f'held-in people asked about (default: {Config.eval_held_in})')
-    parser.add_argument('--lr', type = float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
+    parser.add_argument('--steps', type = positive_int, default = None, help = f'training steps of CALM, control and LoRA (default: {Config.steps})')
+    parser.add_argument('--eval-held-out', type = positive_int, default = None, help = f'held-out people asked about (default: {Config.eval_held_out})')
+    parser.add_argument('--eval-held-in', type = positive_int, default = None, help = f'held-in people asked about (default: {Config.eval_held_in})')
+    parser.add_argument('--lr', type = positive_float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
     parser.add_argument('--no-lora', action = 'store_true', help = 'leave the LoRA row out (it costs as much as CALM)')
     parser.add_argument('--set', nargs = '+', default = [], metavar = 'FIELD=VALUE', help = 'any other field of Config, its value in Python syntax (e.g. num_people=400 augment_steps=1200)')
     return parser.parse_args(argv)

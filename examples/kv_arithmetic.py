@@ -37,6 +37,7 @@ from x_transformers import Decoder, TransformerWrapper
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # kv_data.py sits next to this script
 
 import kv_data as data  # noqa: E402
+from cli_types import fraction, positive_int  # noqa: E402
 from calm_pytorch import CALM, AugmentParams  # noqa: E402
 
 # configuration
@@ -427,34 +428,18 @@ def plot(results: list[SeedResult], path: Path):
 
 # command line
 
-def positive(kind):
-    # argparse's own error, naming the flag, for a count of nothing (an empty table) or of less
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f'must be positive, got {text}')
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0. < value < 1.:
-        raise argparse.ArgumentTypeError(f'must be between 0 and 1, got {text}')
-    return value
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type = Path, default = Path('runs/kv_arithmetic'), help = 'directory caching the trained m_A, m_B and composition weights (default: %(default)s)')
     parser.add_argument('--seed', type = int, default = 0, help = 'first seed (default: %(default)s)')
-    parser.add_argument('--seeds', type = positive(int), default = 1, help = 'number of seeds to run, from --seed on; the table then shows mean ± sd (default: %(default)s)')
+    parser.add_argument('--seeds', type = positive_int, default = 1, help = 'number of seeds to run, from --seed on; the table then shows mean ± sd (default: %(default)s)')
     parser.add_argument('--quick', action = 'store_true', help = 'a tiny configuration of the whole pipeline, in seconds (for tests; its numbers mean nothing)')
-    parser.add_argument('--threads', type = positive(int), default = 1, help = 'CPU threads for torch; these models are too small to gain much from more, and on a shared machine extra threads slow everything down (default: %(default)s)')
+    parser.add_argument('--threads', type = positive_int, default = 1, help = 'CPU threads for torch; these models are too small to gain much from more, and on a shared machine extra threads slow everything down (default: %(default)s)')
     parser.add_argument('--plot', type = Path, default = None, help = 'where to write the PNG plot (default: <out>/kv_arithmetic.png)')
     parser.add_argument('--retrain', action = 'store_true', help = 'ignore cached weights and train everything again')
-    parser.add_argument('--num-keys', type = positive(int), default = None, help = f'number of keys (default: {Config.num_keys})')
+    parser.add_argument('--num-keys', type = positive_int, default = None, help = f'number of keys (default: {Config.num_keys})')
     parser.add_argument('--held-in-fraction', type = fraction, default = None, help = f'fraction of keys used in composition data (default: {Config.held_in_fraction})')
-    parser.add_argument('--composition-steps', type = positive(int), default = None, help = f'composition training steps (default: {Config.composition_steps})')
+    parser.add_argument('--composition-steps', type = positive_int, default = None, help = f'composition training steps (default: {Config.composition_steps})')
     return parser.parse_args(argv)
 
 def make_config(args: argparse.Namespace) -> Config:

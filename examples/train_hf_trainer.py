@@ -66,6 +66,9 @@ def main():
     parser.add_argument('--seed', type = int, default = 0)
     args = parser.parse_args()
 
+    if args.max_steps < 1:
+        parser.error(f'--max-steps must be positive, got {args.max_steps}')
+
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
 

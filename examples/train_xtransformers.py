@@ -28,6 +28,9 @@ def main():
     parser.add_argument('--seed', type = int, default = 0)
     args = parser.parse_args()
 
+    if args.steps < 1:
+        parser.error(f'--steps must be positive, got {args.steps}')
+
     torch.manual_seed(args.seed)
     num_tokens = 64
 

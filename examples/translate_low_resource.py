@@ -48,6 +48,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers sit next to this script
 
 import real_models  # noqa: E402
+from cli_types import positive_float, positive_int  # noqa: E402
 import translation_data as data  # noqa: E402
 from calm_pytorch import CALM, AugmentParams  # noqa: E402
 
@@ -462,15 +463,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type = Path, default = Path('runs/translate_low_resource'), help = 'directory caching trained weights and translations (default: %(default)s)')
     parser.add_argument('--seed', type = int, default = 0, help = 'first seed (default: %(default)s)')
-    parser.add_argument('--seeds', type = int, default = 1, help = 'number of seeds, from --seed on; the table then shows mean ± sd (default: %(default)s)')
+    parser.add_argument('--seeds', type = positive_int, default = 1, help = 'number of seeds, from --seed on; the table then shows mean ± sd (default: %(default)s)')
     parser.add_argument('--quick', action = 'store_true', help = 'a handful of verses and steps through the whole pipeline (for tests; its numbers mean nothing)')
-    parser.add_argument('--threads', type = int, default = 2, help = 'CPU threads for torch (default: %(default)s)')
+    parser.add_argument('--threads', type = positive_int, default = 2, help = 'CPU threads for torch (default: %(default)s)')
     parser.add_argument('--plot', type = Path, default = None, help = 'where to write the PNG plot (default: <out>/translate_low_resource.png)')
-    parser.add_argument('--eval-size', type = int, default = None, help = f'held-out verses to translate (default: {Config.eval_size})')
-    parser.add_argument('--steps', type = int, default = None, help = f'training steps of CALM and LoRA (default: {Config.steps})')
-    parser.add_argument('--batch-size', type = int, default = None, help = f'training batch size (default: {Config.batch_size})')
-    parser.add_argument('--lr', type = float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
-    parser.add_argument('--max-new-tokens', type = int, default = None, help = f'longest translation, in tokens (default: {Config.max_new_tokens})')
+    parser.add_argument('--eval-size', type = positive_int, default = None, help = f'held-out verses to translate (default: {Config.eval_size})')
+    parser.add_argument('--steps', type = positive_int, default = None, help = f'training steps of CALM and LoRA (default: {Config.steps})')
+    parser.add_argument('--batch-size', type = positive_int, default = None, help = f'training batch size (default: {Config.batch_size})')
+    parser.add_argument('--lr', type = positive_float, default = None, help = f'learning rate of CALM and LoRA (default: {Config.lr})')
+    parser.add_argument('--max-new-tokens', type = positive_int, default = None, help = f'longest translation, in tokens (default: {Config.max_new_tokens})')
     return parser.parse_args(argv)
 
 def make_config(args: argparse.Namespace) -> Config:

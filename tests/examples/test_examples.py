@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / 'examples'
 
@@ -16,6 +18,18 @@ def test_xtransformers_example_trains(monkeypatch, capsys):
 
     losses = [float(loss) for loss in re.findall(r'loss ([0-9.]+)', capsys.readouterr().out)]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+@pytest.mark.parametrize('script, argv, message', [
+    ('train_xtransformers.py', ['--steps', '-2'], '--steps must be positive, got -2'),
+    ('compose_hf.py', ['--steps', '0'], '--steps must be positive, got 0'),
+    ('train_hf_trainer.py', ['--max-steps', '-1'], '--max-steps must be positive, got -1'),
+])
+def test_the_examples_refuse_to_train_nothing(script, argv, message, monkeypatch, capsys):
+    # before: -2 steps trained nothing and printed a result; -1 max steps became Trainer's 3 epochs
+    monkeypatch.setattr(sys, 'argv', [script, *argv])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(EXAMPLES / script), run_name = '__main__')
+    assert message in capsys.readouterr().err
 
 def test_hf_trainer_example_trains_saves_and_reloads(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, 'argv', ['train_hf_trainer.py', '--max-steps', '30', '--out', str(tmp_path)])
