@@ -91,7 +91,10 @@ def local_sources(config: dict[str, Any]):
 def recipe(calm: Composition):
     """`calm.config` as a composition directory saves it: local sources made absolute."""
 
-    from calm_pytorch.composition.hf_config import cached_revisions, composition_config
+    try:
+        from calm_pytorch.composition.hf_config import cached_revisions, composition_config
+    except ImportError as error:
+        raise ImportError(f'a composition directory holds a transformers config.json: install transformers (pip install -e ".[hf]"), or save the composition alone with calm.save(path); {error}') from error
 
     config = composition_config(calm)
     local_sources(dict(anchor = config.anchor, augments = config.augments))
@@ -111,9 +114,8 @@ def save_pretrained(calm: Composition, directory: str | os.PathLike, tokenizer: 
     """Writes the composition directory (see the module comment); each file atomically."""
 
     directory = Path(directory)
+    config = recipe(calm)  # first: without transformers, no directory is left behind
     directory.mkdir(parents = True, exist_ok = True)
-
-    config = recipe(calm)
     config.tokenizers = tokenizer_records(calm, directory, tokenizer)
     config.calm_version = library_version()
 

@@ -285,6 +285,15 @@ def test_models_only_the_user_can_build_are_passed_in(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(seq, return_loss = False), calm(seq, return_loss = False))
 
+def test_without_transformers_saving_a_directory_says_what_to_install(tmp_path, monkeypatch):
+    calm = CALM(decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 4), attn_kwargs = dict(heads = 2, dim_head = 8))
+    monkeypatch.setitem(sys.modules, 'calm_pytorch.composition.hf_config', None)  # as if transformers were not installed
+
+    with pytest.raises(ImportError, match = r'install transformers.*or save the composition alone with calm.save\(path\)'):
+        calm.save_pretrained(tmp_path / 'calm')
+
+    assert not (tmp_path / 'calm').exists()
+
 def test_not_a_composition_directory(tmp_path):
     anchor_dir, _ = saved_models(tmp_path)
 
