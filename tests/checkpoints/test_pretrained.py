@@ -108,10 +108,14 @@ def publish(folder: Path, repo_id: str, cache: Path, commit: str):
     (repo / 'refs' / 'main').write_text(commit)
     shutil.copytree(folder, repo / 'snapshots' / commit)
 
-def test_hub_repos_by_id_with_revisions_pinned(tmp_path, monkeypatch):
+def hub_cache(tmp_path, monkeypatch) -> tuple[Path, dict]:
+    # an empty local hub cache, and the keywords that load from it alone
     cache = tmp_path / 'hub'
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
-    hub = dict(cache_dir = cache, local_files_only = True)
+    return cache, dict(cache_dir = cache, local_files_only = True)
+
+def test_hub_repos_by_id_with_revisions_pinned(tmp_path, monkeypatch):
+    cache, hub = hub_cache(tmp_path, monkeypatch)
 
     anchor_dir, augment_dir = saved_models(tmp_path)
     publish(anchor_dir, 'org/anchor', cache, 'a' * 40)
@@ -148,9 +152,7 @@ def test_hub_repos_by_id_with_revisions_pinned(tmp_path, monkeypatch):
 def test_an_anchor_loaded_at_another_revision_than_the_default_branch(tmp_path, monkeypatch):
     # transformers 5 keeps no record of the revision a model was loaded at: with two in the cache,
     # saving says which one config.json names, and loading the other says what to do
-    cache = tmp_path / 'hub'
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
-    hub = dict(cache_dir = cache, local_files_only = True)
+    cache, hub = hub_cache(tmp_path, monkeypatch)
 
     anchor_dir, augment_dir = saved_models(tmp_path)
     publish(anchor_dir, 'org/anchor', cache, 'a' * 40)
