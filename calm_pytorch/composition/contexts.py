@@ -129,13 +129,14 @@ def check_aligned(calm: Composition, index: int):
 def check_one_per_token(hiddens: dict, length: int, index: int):
     # aligned mode pairs the augment's position i with the anchor's position i: hidden states of
     # another length (an x-transformers model's memory tokens, prepended) would shift every pair
-    produced = {hidden.shape[-2] for hidden in hiddens.values()}
-
-    if produced and produced != {length}:
-        raise ValueError(
-            f'augment {index} produced {sorted(produced)} hidden positions for {length} tokens; aligned mode (no prompt) pairs each of its '
-            'positions with the anchor\'s, so it needs one per token (a model with memory tokens prepends its own). Pass its input as `prompt=` (context mode)'
-        )
+    # size by size: under torch.compile or export they are symbolic, and a set of them would hash
+    # them, pinning the sequence length to a constant
+    for hidden in hiddens.values():
+        if hidden.shape[-2] != length:
+            raise ValueError(
+                f'augment {index} produced {hidden.shape[-2]} hidden positions for {length} tokens; aligned mode (no prompt) pairs each of its '
+                'positions with the anchor\'s, so it needs one per token (a model with memory tokens prepends its own). Pass its input as `prompt=` (context mode)'
+            )
 
 def check_padding_is_masked(calm: Composition, index: int, mask: Tensor | None, arg: str):
     # an augment without a mask argument reads padding as tokens. That is harmless only when no real

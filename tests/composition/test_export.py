@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hf_models
 from calm_pytorch import CALM, AugmentParams
 from conftest import decoder, tokens
 
@@ -60,3 +61,26 @@ def test_the_augment_still_stops_early_outside_export():
     calm(tokens(), return_loss = False)
     exported.module()(tokens(), return_loss = False)
     assert len(called) == 1
+
+def test_aligned_mode_exports_and_compiles_for_any_sequence_length():
+    # the checks of the augment's hidden states compare symbolic sizes without pinning them
+    from torch._dynamo.utils import counters
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    calm = CALM(hf_models.llama(), AugmentParams(model = hf_models.llama(dim = 24), connections = ((1, 1), (2, 2))), attn_kwargs = dict(heads = 2, dim_head = 16)).eval()
+    seq = torch.randint(3, 128, (2, 12))
+
+    exported = torch.export.export(calm, (seq,), dict(return_loss = False), dynamic_shapes = ({1: Dim('n', min = 2, max = 60)}, None))
+    longer = torch.randint(3, 128, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(longer, return_loss = False), calm(longer, return_loss = False), atol = 1e-6, rtol = 0)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(calm)
+    with torch.no_grad():
+        for length in range(10, 15):
+            compiled(torch.randint(3, 128, (2, length)), return_loss = False)
+
+    assert counters['stats']['unique_graphs'] <= 2  # one static, one dynamic: not one per length

@@ -111,10 +111,10 @@ def test_an_augment_with_memory_tokens_is_refused_in_aligned_mode_and_read_in_co
     seq = tokens(length = 10)
 
     for mask in (None, torch.ones_like(seq, dtype = torch.bool)):
-        with pytest.raises(ValueError, match = r'augment 0 produced \[12\] hidden positions for 10 tokens; aligned mode'):
+        with pytest.raises(ValueError, match = r'augment 0 produced 12 hidden positions for 10 tokens; aligned mode'):
             calm(seq, mask = mask, return_loss = False)
 
-    with pytest.raises(ValueError, match = r'augment 0 produced \[6\] hidden positions for 4 tokens'):
+    with pytest.raises(ValueError, match = r'augment 0 produced 6 hidden positions for 4 tokens'):
         calm.generate(seq[:, :4], 7)
 
     # in context mode every position of it is context
