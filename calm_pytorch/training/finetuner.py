@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torch.nn.utils import clip_grad_norm_
 from torch.optim import AdamW
 from torch.utils.data import DataLoader, IterableDataset
@@ -36,6 +37,17 @@ from calm_pytorch.training.step_checkpoints import (
 
 LossFn = Callable[[torch.nn.Module, dict], Tensor | tuple[Tensor, Tensor | int]]
 EvalFn = Callable[['FineTuner'], dict | None]
+
+def refuse_float16(calm: Module):
+    # AdamW's epsilon (1e-8) is 0 in float16: a weight whose gradient is 0 becomes 0 / 0 = NaN at
+    # its first step, and at step 1 every weight below the zero-initialised output projections has one
+    half = [name for name, param in calm.named_parameters() if param.requires_grad and param.dtype == torch.float16]
+
+    if len(half) > 0:
+        raise ValueError(
+            f'{len(half)} trainable parameters are float16 (e.g. {half[0]}), which AdamW turns to NaN at the first step (its epsilon is 0 in float16). '
+            'Keep the composition in float32 (composition_dtype\'s default; calm.half() casts it too) or bfloat16; for float16 compute, use torch.autocast'
+        )
 
 class FineTuner:
     """Trains the composition weights of a CALM: one process, or many under torchrun.
@@ -177,6 +189,7 @@ class FineTuner:
             self.model = wrap_for_ddp(calm, self.distributed, find_unused_parameters) if strategy == 'ddp' else shard_frozen_models(calm, self.distributed)
 
         self.params = [param for param in calm.parameters() if param.requires_grad]
+        refuse_float16(calm)
 
         # AdamW; no weight decay on norms and biases (the usual practice)
 

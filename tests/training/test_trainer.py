@@ -285,3 +285,11 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     assert [os.path.basename(path) for path in ranks[0]['written']] == ['step-00000002', 'step-00000003']
     assert ranks[1]['written'] == []
     assert [step for step, _ in checkpoints(tmp_path / 'checkpoints')] == [2, 3]
+
+def test_float16_weights_are_refused_with_the_reason():
+    # AdamW's epsilon is 0 in float16: the first step turned the composition to NaN
+    calm = build()
+    calm.cross_attns.half()
+
+    with pytest.raises(ValueError, match = r'trainable parameters are float16 \(e.g. cross_attns.0.0.*NaN at the first step.*torch.autocast'):
+        finetuner(calm, counting_sequences(8), num_train_steps = 2)
