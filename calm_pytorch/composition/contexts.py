@@ -120,6 +120,12 @@ def check_aligned(calm: Composition, index: int):
         sites = [] if adapter.returns_hiddens else [adapter.layers[layer].site(position) for layer, position in calm.augment_keys[index]]
         calm.augment_is_causal[index] = adapter.is_causal(sites)
 
+    if calm.augment_is_causal[index] is None:
+        raise ValueError(
+            f'augment {index} ({type(adapter.model).__name__}) produced NaN or inf hidden states on a 3-token probe, so whether it is causal '
+            'cannot be told: it overflows (a float16 model? load it in bfloat16 or float32)'
+        )
+
     if not calm.augment_is_causal[index]:
         raise ValueError(
             f'augment {index} ({type(adapter.model).__name__}) is not causal: its hidden states at a position depend on later tokens, '

@@ -28,6 +28,12 @@ def check_causal_anchor(calm, use: str):
     if getattr(calm, 'anchor_is_causal', None) is None:
         calm.anchor_is_causal = calm.anchor_adapter.logits_are_causal()
 
+    if calm.anchor_is_causal is None:
+        raise ValueError(
+            f'the anchor ({type(calm.anchor).__name__}) gives NaN or inf logits on a 3-token probe, so whether it is causal cannot be told: '
+            'it overflows (a float16 model? load it in bfloat16 or float32)'
+        )
+
     if not calm.anchor_is_causal:
         raise ValueError(
             f'the anchor ({type(calm.anchor).__name__}) is not causal: its output at a position depends on later tokens '

@@ -281,13 +281,17 @@ class ModelAdapter:
         perturbed[:, -1] = 1
         return tokens, perturbed
 
-    def is_causal(self, sites: Sequence[Site]) -> bool:
-        """A perturbation probe: does changing the last token change hidden states before it?"""
+    def is_causal(self, sites: Sequence[Site]) -> bool | None:
+        """A perturbation probe: does changing the last token change hidden states before it?
+        None when the model overflows on the probe (NaN or inf): that cannot be told."""
 
         tokens, perturbed = self.perturbed_inputs()
 
         with evaluating(self.model):
             before, after = self.hiddens_at(sites, tokens), self.hiddens_at(sites, perturbed)
+
+        if not all(bool(hidden.isfinite().all()) for hiddens in (*before.values(), *after.values()) for hidden in hiddens):
+            return None
 
         for key, hiddens in before.items():
             for hidden, other in zip(hiddens, after[key]):
@@ -298,8 +302,9 @@ class ModelAdapter:
 
     def logits_are_causal(self, strict: bool = True) -> bool | None:
         """The same probe on the logits: does the output at a position depend on later tokens (a
-        bidirectional encoder such as BERT's)? Not strict: None where the logits cannot be found
-        (an output that needs a `logits_fn`), instead of that error."""
+        bidirectional encoder such as BERT's)? None when the model overflows on the probe (NaN or
+        inf logits); not strict, also where the logits cannot be found (an output that needs a
+        `logits_fn`), instead of that error."""
 
         tokens, perturbed = self.perturbed_inputs()
 
@@ -309,6 +314,9 @@ class ModelAdapter:
         except TypeError:
             if strict:
                 raise
+            return None
+
+        if not bool(before.isfinite().all() and after.isfinite().all()):
             return None
 
         return torch.allclose(before[:, :-1].float(), after[:, :-1].float(), atol = 1e-5, rtol = 1e-4)

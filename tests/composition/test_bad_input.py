@@ -57,6 +57,29 @@ def test_an_augment_that_overflows_is_named(anchor):
     with pytest.raises(ValueError, match = r'augment 0 produced NaN or inf hidden states at layer\(s\) \[2\].*fp16'):
         calm(tokens(), prompt = torch.randn(2, 4, 2, 2))
 
+def overflowing(model):
+    # an fp16 model whose activations overflow from its second layer on
+    model = model.half()
+    with torch.no_grad():
+        for param in model.attn_layers.layers[1][1].parameters():  # the first feedforward
+            param.fill_(6e4)
+    return model
+
+def test_a_model_that_overflows_on_the_causality_probe_is_not_called_bidirectional(anchor):
+    # NaN compares unequal: the probe read an overflow as "depends on later tokens"
+    calm = CALM(anchor, overflowing(decoder(dim = 24)))
+    assert calm.augment_is_causal == [None]
+
+    with pytest.raises(ValueError, match = r'augment 0 \(TransformerWrapper\) produced NaN or inf hidden states on a 3-token probe.*overflows'):
+        calm(tokens())
+
+    with pytest.raises(ValueError, match = r'augment 0 .* produced NaN or inf hidden states on a 3-token probe'):
+        calm.generate(tokens(length = 4), 8)
+
+    calm = CALM(overflowing(decoder(dim = 32)), decoder(dim = 24))
+    with pytest.raises(ValueError, match = r'the anchor \(TransformerWrapper\) gives NaN or inf logits on a 3-token probe.*overflows'):
+        calm(tokens())
+
 class NaNAtPadding(nn.Module):
     # a model whose hidden states are NaN at padded positions (as some attention kernels give for
     # fully masked rows): the composition must not let them through
