@@ -67,7 +67,7 @@ class CheckpointedForward:
         args = tuple(None if is_cache(arg) else arg for arg in args)
         kwargs = {key: None if key in CACHE_KWARGS or is_cache(value) else value for key, value in kwargs.items()}
 
-        if getattr(self.checkpoint_fn, 'reentrant', False) and not any(getattr(arg, 'requires_grad', False) for arg in args):
+        if self.checkpoint_fn.reentrant and not any(getattr(arg, 'requires_grad', False) for arg in args):
             args = requiring_grad(args)
 
         if 'use_cache' in kwargs:
@@ -76,13 +76,19 @@ class CheckpointedForward:
         # keywords bound here rather than passed through: reentrant checkpointing takes positional inputs only
         return self.checkpoint_fn(partial(self.forward, **kwargs), *args)
 
-def checkpoint_function(checkpoint_kwargs: dict | None, offload: bool):
-    checkpoint_kwargs = dict(checkpoint_kwargs or {})
-    checkpoint_kwargs.setdefault('use_reentrant', False)
+class CheckpointFunction:
+    """torch.utils.checkpoint with the user's keywords (default `use_reentrant=False`), an object
+    rather than a closure, so that a CALM with checkpointing is pickled and deep-copied whole."""
 
-    def run(function, *args):
+    def __init__(self, checkpoint_kwargs: dict | None, offload: bool):
+        self.checkpoint_kwargs = dict(checkpoint_kwargs or {})
+        self.checkpoint_kwargs.setdefault('use_reentrant', False)
+        self.reentrant = bool(self.checkpoint_kwargs['use_reentrant'])
+        self.offload = offload
+
+    def __call__(self, function, *args):
         # offload keeps the tensors saved for the recompute in host memory (pinned when a GPU is there)
-        saving = torch.autograd.graph.save_on_cpu(pin_memory = torch.cuda.is_available()) if offload else nullcontext()
+        saving = torch.autograd.graph.save_on_cpu(pin_memory = torch.cuda.is_available()) if self.offload else nullcontext()
 
         # no early stop of the recompute: torch stops it by raising an exception from inside the
         # block once the saved tensors are recomputed, and a library that wraps the exceptions of
@@ -91,10 +97,9 @@ def checkpoint_function(checkpoint_kwargs: dict | None, offload: bool):
         early_stop = nullcontext() if torch.compiler.is_compiling() else set_checkpoint_early_stop(False)
 
         with saving, early_stop:
-            return checkpoint(function, *args, **checkpoint_kwargs)
+            return checkpoint(function, *args, **self.checkpoint_kwargs)
 
-    run.reentrant = bool(checkpoint_kwargs['use_reentrant'])
-    return run
+checkpoint_function = CheckpointFunction  # its name in 0.1.0, a function with the same arguments
 
 def first_block_with_gradients(calm: Composition) -> int:
     """0-based index of the first anchor layer a gradient flows through: the layer after the first
@@ -120,7 +125,7 @@ def enable_checkpointing(calm: Composition, checkpoint_kwargs: dict | None = Non
 
     disable_checkpointing(calm)
 
-    checkpoint_fn = checkpoint_function(checkpoint_kwargs, offload)
+    checkpoint_fn = CheckpointFunction(checkpoint_kwargs, offload)
     units = calm.anchor_adapter.checkpoint_units()
     start = first_block_with_gradients(calm)
     wrapped = []

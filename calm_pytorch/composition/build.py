@@ -205,12 +205,14 @@ def vocab_mismatch(anchor: ModelAdapter, augment: ModelAdapter, index: int, same
     )
 
 CompositionDtype = torch.dtype | Literal['anchor']
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def resolve_composition_dtype(composition_dtype: CompositionDtype, anchor: Module) -> torch.dtype:
     if composition_dtype == 'anchor':
         return floating_dtype(anchor) or torch.float32
 
-    if not isinstance(composition_dtype, torch.dtype) or not composition_dtype.is_floating_point:
-        raise ValueError(f"`composition_dtype` must be a floating point torch.dtype (e.g. torch.float32) or 'anchor', got {composition_dtype!r}")
+    # float8 types are floating point too, but a LayerNorm or a matmul in them is not computed
+    if composition_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"`composition_dtype` must be a floating point torch.dtype that is computed in, {COMPUTE_DTYPES}, or 'anchor', got {composition_dtype!r}")
 
     return composition_dtype

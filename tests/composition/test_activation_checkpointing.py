@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -220,6 +221,17 @@ def test_remove_hooks_and_disable_restore_the_blocks():
 
     with pytest.raises(RuntimeError, match = 'remove_hooks'):
         calm.gradient_checkpointing_enable()
+
+def test_a_checkpointed_composition_pickles_whole():
+    calm = composition('hf_llama')
+    calm.gradient_checkpointing_enable(gradient_checkpointing_kwargs = dict(use_reentrant = True), offload = True)
+    seq = tokens() % 128
+    _, grads, _ = training_step(calm, seq)
+
+    copy_ = pickle.loads(pickle.dumps(calm))
+    assert len(copy_.checkpointed_modules) == len(calm.checkpointed_modules)
+    _, copied_grads, _ = training_step(copy_, seq)
+    assert_same_gradients(copied_grads, grads)
 
 def test_deepcopy_checkpoints_its_own_blocks():
     calm = composition('generic')

@@ -65,8 +65,9 @@ def test_composition_dtype_follows_the_anchor_when_asked():
     logits = calm(tokens(), return_loss = False)
     assert logits.dtype == bf16 and torch.isfinite(logits).all()
 
-    with pytest.raises(ValueError, match = r"`composition_dtype` must be a floating point torch.dtype .* or 'anchor', got torch.int64"):
-        CALM(anchor, decoder(dim = 24), composition_dtype = torch.int64)
+    for wrong in (torch.int64, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match = rf"`composition_dtype` must be a floating point torch.dtype .* or 'anchor', got {wrong}"):
+            CALM(anchor, decoder(dim = 24), composition_dtype = wrong)
 
     with pytest.raises(TypeError, match = 'composition_dtype'):
         CALM(anchor, decoder(dim = 24), composition_dtype = 'bf16')
