@@ -160,17 +160,17 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         self.recorders, self.injector = [], None
 
         try:
-            self.hook_models(augments)
+            self._hook_models(augments)
         except BaseException:
             # nothing to call remove_hooks() on: the models must not stay frozen and hooked
-            self.restore_models()
+            self._restore_models()
             raise
 
         self.hooks_removed = False
 
         self.train(self.training)
 
-    def hook_models(self, augments: list[AugmentParams]):
+    def _hook_models(self, augments: list[AugmentParams]):
         # anchor parameters the user left trainable (e.g. LoRA weights) stay trainable, and are saved with the composition
         self.trainable_anchor_params = freeze_models(self.anchor, self.augments)
 
@@ -214,10 +214,10 @@ class CALM(GenerationMixin, CompositionCheckpoints, GradientCheckpointing, Compo
         no longer be called."""
 
         disable_checkpointing(self)
-        self.restore_models()
+        self._restore_models()
         self.hooks_removed = True
 
-    def restore_models(self):
+    def _restore_models(self):
         for hooks in (*self.recorders, self.injector):
             if exists(hooks):
                 hooks.remove()
