@@ -151,9 +151,9 @@ class CALMEvalModel(TemplateLM):
         if str(batch_size).startswith('auto'):
             raise ValueError('batch_size = "auto" is not supported for a CALM; give a number')
 
-        positive_int(batch_size, 'batch_size')  # before loading anything
-        if exists(max_length):
-            positive_int(max_length, 'max_length')
+        # before loading anything
+        batch_size = positive_int(batch_size, 'batch_size')
+        max_length = positive_int(max_length, 'max_length') if exists(max_length) else None
 
         self.calm = load_calm(pretrained, load_kwargs)
         self.calm.eval()
@@ -169,7 +169,7 @@ class CALMEvalModel(TemplateLM):
 
         self.mode = mode
         self.prompt_field = prompt_field
-        self.batch_size = positive_int(batch_size, 'batch_size')
+        self.batch_size = batch_size
         self.max_gen_toks = positive_int(max_gen_toks, 'max_gen_toks')
         self.add_bos_token = add_bos_token
         self._max_length = max_length
