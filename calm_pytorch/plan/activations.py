@@ -50,15 +50,17 @@ class AnchorShape:
 
     def head(self) -> int:
         """Per token: the final RMSNorm's float32 input and 1 / rms, the log-softmax of the logits
-        (in the logits' dtype), the int64 target."""
-        return 4 * self.hidden + 4 + self.element * self.vocab + 8
+        (in float32: the loss is computed in float32), the int64 target."""
+        return 4 * self.hidden + 4 + 4 * self.vocab + 8
 
     def loss(self) -> int:
-        """Once: the summed loss (in the logits' dtype) and the int64 count of its tokens."""
-        return self.element + 8
+        """Once: the summed float32 loss and the int64 count of its tokens."""
+        return 4 + 8
 
     def logits(self) -> int:
-        return self.element * self.vocab
+        """Per token, at the loss's peak: the logits, the gradient of their float32 copy, and in
+        a lower precision their own gradient."""
+        return (2 * self.element + 4 if self.element < 4 else 2 * self.element) * self.vocab
 
 
 def cross_attention(dim: int, dim_context: int, heads: int, dim_head: int, element: int) -> int:

@@ -191,7 +191,7 @@ def memory_plan(
         gradients = composition,
         optimizer = 2 * composition,
         activations = activations,
-        temporaries = 2 * tokens * shape.logits(),
+        temporaries = tokens * shape.logits(),
         gathered = gathered,
         kept = kept,
         anchor_params = sum(param.numel() for param in anchor_model.parameters()),

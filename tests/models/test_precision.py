@@ -152,3 +152,25 @@ def test_float_context_is_cast_to_the_augments_dtype(anchor):
 
     assert seen[-1] == bf16
     assert logits.dtype == f32 and torch.isfinite(logits).all()
+
+def test_the_loss_of_a_bf16_anchor_is_computed_in_float32():
+    # as transformers computes its models' loss, and as FineTuner's next_token_loss does: a bf16
+    # log-softmax keeps about 3 digits, and the two trainers reported different losses
+    from hf_models import llama
+    from calm_pytorch import next_token_loss
+
+    torch.manual_seed(0)
+    calm = CALM(llama().to(torch.bfloat16), decoder(dim = 24, num_tokens = 128), attn_kwargs = dict(heads = 2, dim_head = 8))
+    seq = torch.randint(3, 128, (4, 33))
+
+    with torch.no_grad():
+        logits = calm(seq[:, :-1], return_loss = False)
+        expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
+        loss = calm(seq)
+        hf_loss = calm(input_ids = seq, labels = seq).loss
+        summed, count = next_token_loss(calm, dict(seq = seq))
+
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == hf_loss.dtype == torch.float32
+    assert torch.equal(loss, expected) and torch.equal(hf_loss, expected)
+    torch.testing.assert_close(summed / count, expected, rtol = 1e-6, atol = 0)
