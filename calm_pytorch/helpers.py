@@ -38,9 +38,9 @@ def typecheck(fn: Callable) -> Callable:
     return inner
 
 # frames a warning looks past to find the user's line: this package, its type checks' generated
-# wrappers, and the context managers and decorators (no_grad) between them
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-PASSED_THROUGH = (PACKAGE_DIR, '<@beartype', os.path.join('torch', 'utils', '_contextlib.py'), 'contextlib.py')
+# wrappers, and the context managers and decorators between them (contextlib's, torch's no_grad
+# in torch/utils/_contextlib.py)
+PASSED_THROUGH = (os.path.dirname(os.path.abspath(__file__)), '<@beartype', 'contextlib.py')
 
 def warn_user(message: str, category: type[Warning] = UserWarning):
     """warnings.warn at the user's line, however deep in the package it is raised: its filename and

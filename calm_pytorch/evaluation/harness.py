@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 MODES = ('aligned', 'context')
 GENERATION_KEYWORDS = {'until', 'max_gen_toks', 'do_sample', 'temperature', 'top_k', 'top_p', 'min_p'}
 DEFAULT_MAX_LENGTH = 2048
-OWN_ARGUMENTS = ('pretrained', 'tokenizer', 'mode', 'prompt_field', 'augment_tokenizer', 'batch_size', 'max_length', 'max_gen_toks', 'device', 'add_bos_token', 'max_batch_size')
 
 def load_calm(pretrained: str | CALM, load_kwargs: dict[str, Any]) -> CALM:
     if isinstance(pretrained, CALM):
@@ -54,7 +54,8 @@ def load_calm(pretrained: str | CALM, load_kwargs: dict[str, Any]) -> CALM:
         # a misspelt model argument reaches the frozen models' constructors
         if len(load_kwargs) == 0:
             raise
-        raise TypeError(f'{error}\nThe model arguments {sorted(load_kwargs)} are not CALMEvalModel\'s own ({", ".join(OWN_ARGUMENTS)}), so they went to CALM.from_pretrained: is one misspelt?') from error
+        own = [name for name in inspect.signature(CALMEvalModel.__init__).parameters if name not in ('self', 'load_kwargs')]
+        raise TypeError(f'{error}\nThe model arguments {sorted(load_kwargs)} are not CALMEvalModel\'s own ({", ".join(own)}), so they went to CALM.from_pretrained: is one misspelt?') from error
 
 def positive_int(value: Any, name: str) -> int:
     # lm_eval's command line gives strings; 2.7 or -1 would be a wrong batch, not an error
