@@ -187,15 +187,20 @@ class ContextsForBatch:
         # the hooks until then
         self.closed = True
         by_opener = threading.current_thread() is self.opener
-        self.started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
-        self.running_before = set()
+
+        # other threads read this state while it changes, so each attribute is replaced whole,
+        # never changed in place; `running_before` stays as it was: a thread that read
+        # `started_inside` as still unknown then reads it, and must not be claimed by a block that
+        # has just closed (its after-hook, which would unset the contexts, may be gone by then)
+        started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
 
         if by_opener:
             self.role.composed = False
             self.injector.call.contexts = None
         else:
-            self.started_inside.add(self.opener)
+            started_inside.add(self.opener)
 
+        self.started_inside = started_inside
         self.release_if_done()
 
     def reset_opener(self):
@@ -206,11 +211,17 @@ class ContextsForBatch:
         if exists(call.contexts) and self.owns(call.contexts):
             call.contexts = None
 
-        self.started_inside.discard(self.opener)
+        self.started_inside = self.started_inside - {self.opener}
 
     def release_if_done(self):
         if not any(thread.is_alive() for thread in self.started_inside):
-            for handle in self.handles:
+            # any thread may get here (the closer, a later anchor call): popping hands each handle
+            # to one of them, where two removing the same handle may both find it and one fail
+            while self.handles:
+                try:
+                    handle = self.handles.pop()
+                except IndexError:
+                    break
                 handle.remove()
 
 @contextmanager

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
+import sys
 import threading
 
 import pytest
@@ -12,6 +14,7 @@ from text_tokenizers import byte_bpe
 from transformers import TextIteratorStreamer
 
 from calm_pytorch import CALM, AugmentParams
+from calm_pytorch.generation.composed_anchor import ContextsForBatch
 
 # Hugging Face's streaming pattern: `generate` runs in a worker thread and hands each new token to
 # a streamer, which the caller reads. The streamed tokens must be the composed ones, exactly the
@@ -216,3 +219,51 @@ def test_a_block_exited_by_another_thread_leaves_its_opener_plain(setup):
             assert torch.equal(anchor.generate(input_ids, **GREEDY), plain)
 
         assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
+
+def test_a_thread_calling_the_anchor_as_the_block_closes_stays_plain(setup):
+    # the interleaving CI once hit: a thread running since before the block calls the anchor; its
+    # pre-hook finds the block open, then the block closes (its hooks go) before the hook reads
+    # which threads were running before. The thread must stay plain: claimed as started inside,
+    # it would read composed logits and keep the contexts set, with no after-hook left to unset them
+    calm, anchor, _, input_ids, document, _ = setup
+    plain = anchor(input_ids).logits
+
+    check = ContextsForBatch.started_in_block
+    lines, first = inspect.getsourcelines(check)
+    pause_at = first + next(index for index, line in enumerate(lines) if 'running_before' in line)
+    called, paused, resume, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def trace(frame, event, arg):
+        if frame.f_code is not check.__code__:
+            return None
+
+        def line(frame, event, arg):
+            if event == 'line' and frame.f_lineno == pause_at and not paused.is_set():
+                paused.set()
+                assert resume.wait(timeout = 60)
+            return line
+
+        return line
+
+    def call_the_anchor():
+        assert called.wait(timeout = 60)
+        sys.settrace(trace)
+        try:
+            seen['logits'] = anchor(input_ids).logits
+        finally:
+            sys.settrace(None)
+        seen['contexts'] = calm.injector.call.contexts
+
+    worker = threading.Thread(target = call_the_anchor)
+    worker.start()
+
+    with calm.composed(document):
+        called.set()
+        assert paused.wait(timeout = 60)
+
+    resume.set()
+    worker.join()
+
+    assert torch.equal(seen['logits'], plain)
+    assert seen['contexts'] is None
+    assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
