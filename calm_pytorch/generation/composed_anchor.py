@@ -134,7 +134,9 @@ class ContextsForBatch:
         if not self.started_in_block(thread):
             return False
 
-        others = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, ContextsForBatch) and hook is not self]
+        # a copy taken at once: the dict changes whenever a block of another thread opens or closes
+        hooks = list(module._forward_pre_hooks.values())
+        others = [hook for hook in hooks if isinstance(hook, ContextsForBatch) and hook is not self]
         if any(other.started_in_block(thread) for other in others):
             raise RuntimeError(
                 f'thread {thread.name!r} called the anchor and was started while `composed(...)` blocks were open in several threads '

@@ -220,50 +220,95 @@ def test_a_block_exited_by_another_thread_leaves_its_opener_plain(setup):
 
         assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
 
+class HoldAt:
+    """A tracer for one thread (sys.settrace): holds it at the `nth` time it reaches the line of
+    `function` (or of a comprehension inside it) that holds `text`, until `release` is set, so
+    that another thread can act at exactly that point."""
+
+    def __init__(self, function, text: str, nth: int = 1):
+        lines, first = inspect.getsourcelines(function)
+        self.line = first + next(index for index, line in enumerate(lines) if text in line)
+        self.name, self.left = function.__qualname__, nth
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, frame, event, arg):
+        return self.on_line if frame.f_code.co_qualname.startswith(self.name) else None
+
+    def on_line(self, frame, event, arg):
+        if event == 'line' and frame.f_lineno == self.line:
+            self.left -= 1
+            if self.left == 0:
+                self.held.set()
+                assert self.release.wait(timeout = 60)
+        return self.on_line
+
+def traced(calm: CALM, hold: HoldAt, call) -> dict:
+    """Runs `call` in this thread under `hold`; returns its result and the contexts the thread is
+    left with."""
+    sys.settrace(hold)
+    try:
+        result = call()
+    finally:
+        sys.settrace(None)
+    return dict(result = result, contexts = calm.injector.call.contexts)
+
 def test_a_thread_calling_the_anchor_as_the_block_closes_stays_plain(setup):
-    # the interleaving CI once hit: a thread running since before the block calls the anchor; its
-    # pre-hook finds the block open, then the block closes (its hooks go) before the hook reads
-    # which threads were running before. The thread must stay plain: claimed as started inside,
-    # it would read composed logits and keep the contexts set, with no after-hook left to unset them
+    # a thread running since before the block calls the anchor; its pre-hook finds the block open,
+    # then the block closes (its hooks go) between the hook's two reads of which threads it
+    # composes. Claimed as started inside, the thread would read composed logits and keep the
+    # contexts set, with no after-hook left to unset them (CI once hit this)
     calm, anchor, _, input_ids, document, _ = setup
     plain = anchor(input_ids).logits
 
-    check = ContextsForBatch.started_in_block
-    lines, first = inspect.getsourcelines(check)
-    pause_at = first + next(index for index, line in enumerate(lines) if 'running_before' in line)
-    called, paused, resume, seen = threading.Event(), threading.Event(), threading.Event(), {}
-
-    def trace(frame, event, arg):
-        if frame.f_code is not check.__code__:
-            return None
-
-        def line(frame, event, arg):
-            if event == 'line' and frame.f_lineno == pause_at and not paused.is_set():
-                paused.set()
-                assert resume.wait(timeout = 60)
-            return line
-
-        return line
+    hold = HoldAt(ContextsForBatch.started_in_block, 'running_before')
+    call, seen = threading.Event(), {}
 
     def call_the_anchor():
-        assert called.wait(timeout = 60)
-        sys.settrace(trace)
-        try:
-            seen['logits'] = anchor(input_ids).logits
-        finally:
-            sys.settrace(None)
-        seen['contexts'] = calm.injector.call.contexts
+        assert call.wait(timeout = 60)
+        seen.update(traced(calm, hold, lambda: anchor(input_ids).logits))
 
     worker = threading.Thread(target = call_the_anchor)
     worker.start()
 
     with calm.composed(document):
-        called.set()
-        assert paused.wait(timeout = 60)
+        call.set()
+        assert hold.held.wait(timeout = 60)
 
-    resume.set()
+    hold.release.set()
     worker.join()
 
-    assert torch.equal(seen['logits'], plain)
+    assert torch.equal(seen['result'], plain)
+    assert seen['contexts'] is None
+    assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
+
+def test_a_thread_started_inside_calls_the_anchor_as_another_block_opens(setup):
+    # a streamer's thread, started inside one block, calls the anchor while another thread opens
+    # a block of its own: the hook lists the anchor's hooks as that dict changes
+    calm, anchor, _, input_ids, document, expected = setup
+    hold = HoldAt(ContextsForBatch.claims, 'isinstance(hook, ContextsForBatch)', nth = 2)
+    open_other, other_open, close_other, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def other_block():
+        assert open_other.wait(timeout = 60)
+        with calm.composed(document):
+            other_open.set()
+            assert close_other.wait(timeout = 60)
+
+    other = threading.Thread(target = other_block)  # running before the first block: not composed by it
+    other.start()
+
+    with calm.composed(document) as composed:
+        worker = threading.Thread(target = lambda: seen.update(traced(calm, hold, lambda: composed.generate(input_ids, **GREEDY))))
+        worker.start()
+        assert hold.held.wait(timeout = 60)
+        open_other.set()
+        assert other_open.wait(timeout = 60)
+        hold.release.set()
+        worker.join()
+
+    close_other.set()
+    other.join()
+
+    assert torch.equal(seen['result'][:, input_ids.shape[-1]:], expected)
     assert seen['contexts'] is None
     assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
