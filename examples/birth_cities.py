@@ -668,9 +668,35 @@ def make_config(args: argparse.Namespace) -> Config:
         name, _, value = assignment.partition('=')
         if name not in Config.__dataclass_fields__:
             raise SystemExit(f'--set {assignment}: Config has no field {name!r}; its fields: {", ".join(Config.__dataclass_fields__)}')
-        config = replace(config, **{name: ast.literal_eval(value)})
+        config = replace(config, **{name: parse_field(assignment, name, value, getattr(config, name))})
 
     return config
+
+def parse_field(assignment: str, name: str, text: str, current):
+    # a value of the field's own kind: a count or a rate > 0, a fraction in (0, 1), a flag, or
+    # connections as (augment layer, anchor layer) pairs; found here, not after training has begun
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError):
+        raise SystemExit(f'--set {assignment}: {text!r} is not a Python literal (e.g. {name}={current!r})') from None
+
+    if isinstance(current, bool):
+        ok, kind = type(value) is bool, 'True or False'
+    elif isinstance(current, int):
+        ok, kind = type(value) is int and value > 0, 'an int > 0'
+    elif name == 'held_in_fraction':
+        ok, kind = type(value) in (int, float) and 0 < value < 1, 'a fraction in (0, 1)'
+    elif isinstance(current, float):
+        ok, kind = type(value) in (int, float) and math.isfinite(value) and value > 0, 'a number > 0'
+    else:
+        pairs = isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in value)
+        ok, kind = pairs and all(type(layer) is int and layer >= 0 for pair in value for layer in pair), 'pairs (augment layer, anchor layer) of ints >= 0'
+        value = tuple(tuple(pair) for pair in value) if ok else value
+
+    if not ok:
+        raise SystemExit(f'--set {assignment}: {name} must be {kind} (as {current!r}); got {value!r}')
+
+    return value
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)

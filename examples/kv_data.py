@@ -248,6 +248,12 @@ def make_eval_sets(world: World, size: int, composition: CompositionData, genera
     unseen = torch.tensor([tuple(row) not in seen for row in held_in.prompts.tolist()])
     held_in = take(held_in, unseen.nonzero().squeeze(-1)[:size])
 
+    if len(held_in) == 0:
+        raise ValueError(
+            f'the composition data holds every expression of {n} keys drawn from the {len(world.held_in)} held-in keys: no new '
+            'held-in expression is left to evaluate; use more keys (--num-keys) or a larger --held-in-fraction'
+        )
+
     return EvalSets(
         kv_substitution = substitution(sample_keys(world.held_out, size, n, generator), world),
         numeric = numeric_arithmetic(size, n, generator),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -56,6 +57,28 @@ def test_scoring_reads_the_first_line_only():
     assert data.exact_match(['France\nQ: and more', ' Japan '], questions) == 1.
     assert data.exact_match(['France is', 'japan'], questions) == 0.
     assert data.majority_floor(questions + [data.Question('q', 'France')]) == 2 / 3
+
+@pytest.mark.parametrize('assignment, message', [
+    ('num_people=0', 'num_people must be an int > 0'),
+    ('augment_steps=1.5', 'augment_steps must be an int > 0'),
+    ('lr=-1', 'lr must be a number > 0'),
+    ('held_in_fraction=1', 'held_in_fraction must be a fraction in (0, 1)'),
+    ('autocast=1', 'autocast must be True or False'),
+    ('connections=((2, 8), (2,))', 'connections must be pairs'),
+    ('steps=abc', "'abc' is not a Python literal"),
+    ('nope=1', "Config has no field 'nope'"),
+])
+def test_set_refuses_values_of_another_kind_before_anything_runs(assignment, message):
+    import birth_cities as example
+
+    with pytest.raises(SystemExit, match = re.escape(message)):
+        example.make_config(example.parse_args(['--quick', '--set', assignment]))
+
+def test_set_reads_values_of_each_kind():
+    import birth_cities as example
+
+    config = example.make_config(example.parse_args(['--quick', '--set', 'num_people=80', 'lr=1', 'autocast=False', 'connections=[[1, 3]]']))
+    assert (config.num_people, config.lr, config.autocast, config.connections) == (80, 1, False, ((1, 3),))
 
 # about a minute of CPU once SmolLM2 is dequantized and cached (the first run does it): CI sets
 # CALM_SLOW_TESTS=1 (.ci/run); local runs of the suite skip it unless asked

@@ -79,6 +79,14 @@ def test_evaluation_keys(world, composition):
     for prompt in evals.kv_arithmetic_held_in.prompts.tolist():
         assert set(parse_keys(prompt)) <= held_in and tuple(prompt) not in seen
 
+def test_too_few_held_in_keys_are_refused_before_any_training(tmp_path):
+    # 2 held-in keys give 8 expressions of 3 keys, all in the composition data: the held-in
+    # evaluation set would be empty, found before anything trains
+    with pytest.raises(ValueError, match = 'no new held-in expression'):
+        kv_arithmetic.main(['--quick', '--num-keys', '5', '--out', str(tmp_path)])
+
+    assert list(tmp_path.rglob('*.pt')) == []
+
 def test_augment_data_labels_values_at_keys(world):
     batch = data.augment_batch(world, 30, torch.Generator().manual_seed(3))
     tokens, labels = batch.tokens.tolist(), batch.loss_mask.tolist()
