@@ -86,11 +86,19 @@ class ContextsForBatch:
         self.started_inside: set[threading.Thread] | None = None  # known once the block closes
         self.closed = False
         self.handles: list = []
+        # a thread's first call decides whether it was started inside while the block may be closing:
+        # the decision and the close's list of those threads are taken one at a time
+        self.lock = threading.Lock()
 
     def __getstate__(self):
         # threads cannot be copied or pickled, nor are they the model's: a copy of the anchor made
         # inside the block (deepcopy, pickle) composes no thread
-        return {**vars(self), 'calm': None, 'memories': {}, 'opener': None, 'running_before': set(), 'started_inside': set()}
+        state = {**vars(self), 'calm': None, 'memories': {}, 'opener': None, 'running_before': set(), 'started_inside': set()}
+        del state['lock']
+        return state
+
+    def __setstate__(self, state: dict):
+        vars(self).update(state, lock = threading.Lock())
 
     def owns(self, contexts) -> bool:
         return any(contexts is own for own in (*self.by_batch.values(), *self.memories.values()))
@@ -120,7 +128,9 @@ class ContextsForBatch:
                     f'the anchor\'s batch must be a multiple of it (each example repeated, e.g. for beams or num_return_sequences)'
                 )
 
-            self.by_batch[batch] = [expand_context(context, batch // self.batch) for context in self.by_batch[self.batch]]
+            # two threads of the block may both get here: both must hold the list that is kept
+            # (the after-hook recognises the block's contexts by identity)
+            return self.by_batch.setdefault(batch, [expand_context(context, batch // self.batch) for context in self.by_batch[self.batch]])
 
         return self.by_batch[batch]
 
@@ -128,11 +138,15 @@ class ContextsForBatch:
         if exists(self.started_inside):
             return thread in self.started_inside
 
-        return thread is not self.opener and thread not in self.running_before
+        # a thread Python's `threading` did not start (a C library's) is listed only from its first
+        # `current_thread()`, so when it started is unknown: it reads the plain anchor
+        foreign = isinstance(thread, threading._DummyThread)
+        return thread is not self.opener and thread not in self.running_before and not foreign
 
     def claims(self, module: Module, thread: threading.Thread) -> bool:
-        if not self.started_in_block(thread):
-            return False
+        with self.lock:
+            if not self.started_in_block(thread):
+                return False
 
         # a copy taken at once: the dict changes whenever a block of another thread opens or closes
         hooks = list(module._forward_pre_hooks.values())
@@ -187,22 +201,25 @@ class ContextsForBatch:
         # opener's state is its thread's own: a block exited by another thread (an ExitStack
         # handed over) resets it at the opener's next anchor call or `composed(...)`, and keeps
         # the hooks until then
-        self.closed = True
         by_opener = threading.current_thread() is self.opener
 
         # other threads read this state while it changes, so each attribute is replaced whole,
-        # never changed in place; `running_before` stays as it was: a thread that read
+        # never changed in place, and `closed` is set last: a thread that finds the block closed
+        # finds its list of threads too. `running_before` stays as it was: a thread that read
         # `started_inside` as still unknown then reads it, and must not be claimed by a block that
         # has just closed (its after-hook, which would unset the contexts, may be gone by then)
-        started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
+        with self.lock:
+            started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
 
-        if by_opener:
-            self.role.composed = False
-            self.injector.call.contexts = None
-        else:
-            started_inside.add(self.opener)
+            if by_opener:
+                self.role.composed = False
+                self.injector.call.contexts = None
+            else:
+                started_inside.add(self.opener)
 
-        self.started_inside = started_inside
+            self.started_inside = started_inside
+            self.closed = True
+
         self.release_if_done()
 
     def reset_opener(self):

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import pickle
-import sys
 import threading
 
 import pytest
@@ -14,7 +12,6 @@ from text_tokenizers import byte_bpe
 from transformers import TextIteratorStreamer
 
 from calm_pytorch import CALM, AugmentParams
-from calm_pytorch.generation.composed_anchor import ContextsForBatch
 
 # Hugging Face's streaming pattern: `generate` runs in a worker thread and hands each new token to
 # a streamer, which the caller reads. The streamed tokens must be the composed ones, exactly the
@@ -219,96 +216,3 @@ def test_a_block_exited_by_another_thread_leaves_its_opener_plain(setup):
             assert torch.equal(anchor.generate(input_ids, **GREEDY), plain)
 
         assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
-
-class HoldAt:
-    """A tracer for one thread (sys.settrace): holds it at the `nth` time it reaches the line of
-    `function` (or of a comprehension inside it) that holds `text`, until `release` is set, so
-    that another thread can act at exactly that point."""
-
-    def __init__(self, function, text: str, nth: int = 1):
-        lines, first = inspect.getsourcelines(function)
-        self.line = first + next(index for index, line in enumerate(lines) if text in line)
-        self.name, self.left = function.__qualname__, nth
-        self.held, self.release = threading.Event(), threading.Event()
-
-    def __call__(self, frame, event, arg):
-        return self.on_line if frame.f_code.co_qualname.startswith(self.name) else None
-
-    def on_line(self, frame, event, arg):
-        if event == 'line' and frame.f_lineno == self.line:
-            self.left -= 1
-            if self.left == 0:
-                self.held.set()
-                assert self.release.wait(timeout = 60)
-        return self.on_line
-
-def traced(calm: CALM, hold: HoldAt, call) -> dict:
-    """Runs `call` in this thread under `hold`; returns its result and the contexts the thread is
-    left with."""
-    sys.settrace(hold)
-    try:
-        result = call()
-    finally:
-        sys.settrace(None)
-    return dict(result = result, contexts = calm.injector.call.contexts)
-
-def test_a_thread_calling_the_anchor_as_the_block_closes_stays_plain(setup):
-    # a thread running since before the block calls the anchor; its pre-hook finds the block open,
-    # then the block closes (its hooks go) between the hook's two reads of which threads it
-    # composes. Claimed as started inside, the thread would read composed logits and keep the
-    # contexts set, with no after-hook left to unset them (CI once hit this)
-    calm, anchor, _, input_ids, document, _ = setup
-    plain = anchor(input_ids).logits
-
-    hold = HoldAt(ContextsForBatch.started_in_block, 'running_before')
-    call, seen = threading.Event(), {}
-
-    def call_the_anchor():
-        assert call.wait(timeout = 60)
-        seen.update(traced(calm, hold, lambda: anchor(input_ids).logits))
-
-    worker = threading.Thread(target = call_the_anchor)
-    worker.start()
-
-    with calm.composed(document):
-        call.set()
-        assert hold.held.wait(timeout = 60)
-
-    hold.release.set()
-    worker.join()
-
-    assert torch.equal(seen['result'], plain)
-    assert seen['contexts'] is None
-    assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
-
-def test_a_thread_started_inside_calls_the_anchor_as_another_block_opens(setup):
-    # a streamer's thread, started inside one block, calls the anchor while another thread opens
-    # a block of its own: the hook lists the anchor's hooks as that dict changes
-    calm, anchor, _, input_ids, document, expected = setup
-    hold = HoldAt(ContextsForBatch.claims, 'isinstance(hook, ContextsForBatch)', nth = 2)
-    open_other, other_open, close_other, seen = threading.Event(), threading.Event(), threading.Event(), {}
-
-    def other_block():
-        assert open_other.wait(timeout = 60)
-        with calm.composed(document):
-            other_open.set()
-            assert close_other.wait(timeout = 60)
-
-    other = threading.Thread(target = other_block)  # running before the first block: not composed by it
-    other.start()
-
-    with calm.composed(document) as composed:
-        worker = threading.Thread(target = lambda: seen.update(traced(calm, hold, lambda: composed.generate(input_ids, **GREEDY))))
-        worker.start()
-        assert hold.held.wait(timeout = 60)
-        open_other.set()
-        assert other_open.wait(timeout = 60)
-        hold.release.set()
-        worker.join()
-
-    close_other.set()
-    other.join()
-
-    assert torch.equal(seen['result'][:, input_ids.shape[-1]:], expected)
-    assert seen['contexts'] is None
-    assert len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
