@@ -63,6 +63,8 @@ class ModelAdapter:
             self.layers = None
             return
 
+        check_not_compiled(model, name)
+
         if exists(extract_blocks_fn):
             blocks = extract_blocks_fn(model)
 
@@ -349,6 +351,28 @@ def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
         return None
 
     return (~mask).sum(dim = -1)
+
+def check_not_compiled(model: Module, name: str):
+    # torch.compile does not guard on a module's hooks: code it compiled before the CALM hooked the
+    # model runs on without them (the constructor's probes then see nothing, or a composed call
+    # reads the plain model). Compiling after the CALM is built works (docs/generation.md)
+    if hasattr(model, '_orig_mod'):
+        raise TypeError(
+            f'{name} is a torch.compile wrapper ({type(model).__name__}): build the CALM over the module itself '
+            f'(`compiled._orig_mod`), then compile, e.g. `anchor.forward = torch.compile(anchor.forward)` after `CALM(...)`'
+        )
+
+    for path, module in model.named_modules():
+        compiled_forward = hasattr(vars(module).get('forward'), '_torchdynamo_orig_callable')
+
+        if compiled_forward or getattr(module, '_compiled_call_impl', None) is not None:
+            where = f'`{path}`' if path else 'the model'
+            how = '`.forward = torch.compile(...)`' if compiled_forward else '`.compile()`'
+            raise TypeError(
+                f'{name} is already compiled ({where}, by {how}): torch.compile does not see hooks added after it compiled, so the '
+                'composition would be skipped. Build the CALM over the uncompiled model, then compile, e.g. '
+                '`anchor.forward = torch.compile(anchor.forward)` after `CALM(...)`'
+            )
 
 def find_mask_kwarg(model: Module) -> str | None:
     try:

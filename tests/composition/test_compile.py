@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import torch
 import torch._dynamo as dynamo
 
@@ -81,3 +83,30 @@ def test_compiled_training_step_matches_eager():
         assert torch.allclose(param.grad, compiled_param.grad, atol = 1e-5, rtol = 1e-4)
 
     assert all(param.grad is None for param in compiled_calm.anchor.parameters())
+
+def test_models_compiled_before_the_composition_is_built_are_refused():
+    # torch.compile does not guard on hooks: code compiled before the CALM hooks a model would run
+    # on without them (the constructor failed with a bare KeyError, or a composition was skipped)
+    def compiled_forward(model):
+        model.forward = torch.compile(model.forward, backend = 'eager')
+        return model
+
+    def compiled_block(model):
+        model.attn_layers.layers[0].compile(backend = 'eager')
+        return model
+
+    ways = [
+        (compiled_forward, "already compiled (the model, by `.forward = torch.compile(...)`)"),
+        (compiled_block, 'already compiled (`attn_layers.layers.0`, by `.compile()`)'),
+        (lambda model: torch.compile(model, backend = 'eager'), 'is a torch.compile wrapper (OptimizedModule)'),
+    ]
+
+    for compile_model, message in ways:
+        for role in ('anchor_llm', 'augment_llms[0]'):
+            anchor, augment = decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2)
+            anchor, augment = (compile_model(anchor), augment) if role == 'anchor_llm' else (anchor, compile_model(augment))
+
+            with pytest.raises(TypeError, match = f'^{re.escape(role)} .*{re.escape(message)}'):
+                CALM(anchor, AugmentParams(model = augment), attn_kwargs = dict(heads = 2, dim_head = 16))
+
+    dynamo.reset()
