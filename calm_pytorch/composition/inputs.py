@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
+from itertools import chain
 from functools import wraps
 from typing import Any
 
@@ -19,6 +20,19 @@ from calm_pytorch.helpers import exists
 def check_usable(calm):
     if calm.hooks_removed:
         raise RuntimeError('this CALM had its hooks removed with `remove_hooks()`; build a new CALM to compose the models again')
+
+def check_materialised(calm, use: str):
+    # the big-model workflow builds on `meta` (shapes only) and materialises later: deep inside,
+    # a model there fails on its first value (a probe's `.item()`, a copy to the prompt's device)
+    parts = [('the anchor', calm.anchor), *((f'augment {index}', model) for index, model in enumerate(calm.augments)), ('the composition', calm.cross_attns)]
+    on_meta = [name for name, module in parts if getattr(next(chain(module.parameters(), module.buffers()), None), 'is_meta', False)]
+
+    if len(on_meta) > 0:
+        raise RuntimeError(
+            f'{use} needs weights, but {", ".join(on_meta)} {"is" if len(on_meta) == 1 else "are"} on the meta device (shapes only): '
+            'materialise first (`calm.to_empty(device = ...)`, then load each model\'s weights and the composition\'s, '
+            'or `calm.init_composition_weights()`; docs/gradient_checkpointing.md shows the steps)'
+        )
 
 def check_causal_anchor(calm, use: str):
     """Next-token training and generation need an anchor whose output at a position depends only on

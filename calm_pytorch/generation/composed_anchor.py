@@ -10,7 +10,7 @@ from torch.nn import Module
 
 from calm_pytorch.composition.contexts import augment_contexts
 from calm_pytorch.composition.injection import AugmentContext
-from calm_pytorch.composition.inputs import check_usable
+from calm_pytorch.composition.inputs import check_materialised, check_usable
 from calm_pytorch.composition.protocol import Composition
 from calm_pytorch.generation.kv_buffers import fixed_memory
 from calm_pytorch.helpers import PerThread, exists
@@ -250,6 +250,7 @@ def composed_anchor(
     prompt_mask: Tensor | Sequence[Tensor | None] | None = None
 ) -> Iterator[Module]:
     check_usable(calm)
+    check_materialised(calm, '`composed(...)`')
 
     call = calm.injector.call
     model = calm.anchor_adapter.model

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from calm_pytorch.composition.inputs import check_causal_anchor, check_usable, per_augment
+from calm_pytorch.composition.inputs import check_causal_anchor, check_materialised, check_usable, per_augment
 from calm_pytorch.generation.composed_anchor import composed_anchor
 from calm_pytorch.generation.decoding import generate
 from calm_pytorch.generation.prompts import check_eos_id, check_total_length, new_token_count, prepare_prompt, renamed_arguments
@@ -89,6 +89,7 @@ class GenerationMixin:
                              each step (pad_id for ended rows), then `end()`"""
 
         check_usable(self)
+        check_materialised(self, '`calm.generate`')
         seq, mask, augment_prompt, augment_prompt_mask = renamed_arguments(seq, mask, prompt, prompt_mask, augment_prompt, augment_prompt_mask)
         check_causal_anchor(self, 'generation')
         prompt, prompt_mask = prepare_prompt(self, seq, mask)

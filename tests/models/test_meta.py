@@ -116,3 +116,31 @@ def test_transformers_decoders_on_both_sides_built_on_meta(augment, tmp_path):
     assert torch.equal(calm(seq, return_loss = False), source(seq, return_loss = False))
     assert torch.equal(calm.generate(seq[:, :6], max_new_tokens = 4, temperature = 0.), source.generate(seq[:, :6], max_new_tokens = 4, temperature = 0.))
     assert calm.augment_is_causal == [True] and calm.anchor_is_causal
+
+@pytest.mark.parametrize('anchor_name', ANCHORS)
+def test_decoding_on_meta_is_refused_until_materialised(anchor_name):
+    # a probe's `.item()` or a copy out of meta failed deep inside; the error now names what is
+    # still on meta and the steps, and the same calls work once materialised
+    with torch.device('meta'):
+        anchor, augment = build(anchor_name)
+
+    calm = compose(anchor, augment)
+    seq = tokens(length = 6).clamp(max = 127)  # within both anchors' vocabularies
+    calls = dict(generate = lambda: calm.generate(seq, max_new_tokens = 2, temperature = 0.), composed = lambda: calm.composed(seq).__enter__())
+
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match = 'the anchor, augment 0, the composition are on the meta device'):
+            call()
+
+    calm.to_empty(device = 'cpu')
+    calm.init_composition_weights()
+    real_anchor, real_augment = build(anchor_name)
+    load_frozen(calm.anchor, real_anchor)
+    load_frozen(calm.augments[0], real_augment)
+
+    generated = calm.generate(seq, max_new_tokens = 2, temperature = 0.)
+    assert torch.equal(generated, compose(real_anchor, real_augment).generate(seq, max_new_tokens = 2, temperature = 0.))
+
+    calm.augments[0].to('meta')
+    with pytest.raises(RuntimeError, match = r'^`calm.generate` needs weights, but augment 0 is on the meta device'):
+        calm.generate(seq, max_new_tokens = 2, temperature = 0.)
