@@ -107,10 +107,12 @@ def new_token_count(prompt_len: int, seq_len: int | None, max_new_tokens: int | 
     return num_new
 
 def check_total_length(calm: Composition, total: int, augment_prompts: list):
-    # every position generated must fit the anchor, and each augment reading the sequence; checked
-    # on the number, before anything of that length is allocated
-    calm.anchor_adapter.check_length(total, 'prompt + new tokens', generating = True)
+    # every position read must fit the anchor, and each augment reading the sequence; checked on
+    # the number, before anything of that length is allocated. The last new token is never read
+    # back, so a generation reads one position fewer than it returns (as the anchor's own generate)
+    read, name = total - 1, 'prompt + new tokens - 1'
+    calm.anchor_adapter.check_length(read, name, generating = True)
 
     for index, (adapter, aligned_prompt) in enumerate(zip(calm.augment_adapters, augment_prompts)):
         if not exists(aligned_prompt) and not exists(calm.augment_texts[index]):
-            adapter.check_length(total, 'prompt + new tokens', generating = True)
+            adapter.check_length(read, name, generating = True)

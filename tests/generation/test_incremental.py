@@ -170,5 +170,20 @@ def test_a_length_far_beyond_the_anchor_is_refused_before_anything_is_allocated(
     calm = CALM(ANCHORS[family](), AugmentParams(model = llama(), connections = ((1, 1),)), attn_kwargs = ATTN)
     prompt, _ = prompts(padded = False)
 
-    with pytest.raises(ValueError, match = r'`prompt \+ new tokens` has length 1000000000008, but anchor_llm'):
+    with pytest.raises(ValueError, match = r'`prompt \+ new tokens - 1` has length 1000000000007, but anchor_llm'):
         calm.generate(prompt, max_new_tokens = 10 ** 12)
+
+@pytest.mark.parametrize('use_cache', (True, False))
+def test_a_generation_may_end_one_past_the_anchors_positions(use_cache):
+    # the last new token is never read back: a prompt filling GPT-2's 64 learned positions takes
+    # one new token (as the anchor's own generate does), and the limit counts what is read
+    calm = CALM(gpt2(dim = 32, depth = 2), AugmentParams(model = llama(), connections = ((1, 1),)), attn_kwargs = ATTN)
+    positions = calm.anchor.config.n_positions
+    full = torch.randint(3, VOCAB, (1, positions), generator = torch.Generator().manual_seed(0))
+
+    last = calm.generate(full, max_new_tokens = 1, use_cache = use_cache, **GREEDY)
+    assert torch.equal(last[:, 0], calm(full, return_loss = False)[:, -1].argmax(dim = -1))
+    assert calm.generate(full[:, :-4], max_new_tokens = 5, use_cache = use_cache, **GREEDY).shape == (1, 5)
+
+    with pytest.raises(ValueError, match = r'`prompt \+ new tokens - 1` has length 65, but anchor_llm takes at most 64 positions'):
+        calm.generate(full[:, :-4], max_new_tokens = 6, use_cache = use_cache, **GREEDY)
