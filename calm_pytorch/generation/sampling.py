@@ -63,6 +63,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
     if exists(min_p) and not 0. <= min_p <= 1.:
         raise ValueError(f'`min_p` must be in [0, 1], got {min_p}')
 
+# logits / temperature overflow float32 (3.4e38) only at a tiny temperature (at 1e-20, a logit
+# over 3.4e18 would): rows are checked for it below this bound only, sparing every sampling step
+TINY_TEMPERATURE = 1e-20
+
 def sample(
     logits: Tensor,
     *,
@@ -82,7 +86,17 @@ def sample(
     logits = logits.float()
 
     if not greedy:
-        logits = logits / temperature
+        tempered = logits / temperature
+
+        if temperature < TINY_TEMPERATURE:
+            # a row may overflow (its largest logits to inf, or all of them to -inf: nan
+            # probabilities); such a row takes the limit the temperature tends to, its largest
+            # logits, ties drawn evenly
+            overflowed = ~tempered.amax(dim = -1, keepdim = True).isfinite()
+            largest = logits == logits.amax(dim = -1, keepdim = True)
+            tempered = torch.where(overflowed, torch.zeros_like(logits).masked_fill(~largest, float('-inf')), tempered)
+
+        logits = tempered
 
     if exists(filter_fn):
         logits = checked_filter_output(filter_fn(logits), logits)

@@ -219,6 +219,25 @@ def test_sampling_is_softmax_of_tempered_filtered_logits():
     assert set(sample(logits, temperature = 4., top_p = 0.9).tolist()) == {0, 1, 2, 3}
     assert set(sample(logits, top_k = 2).tolist()) == {0, 1}
 
+def test_a_tiny_temperature_draws_the_argmax():
+    # logits / 1e-40 overflow (positive ones to inf, a row of negative ones all to -inf), which
+    # gave nan probabilities; the limit a temperature tends to is the argmax, ties drawn evenly
+    from calm_pytorch.generation.sampling import sample
+
+    logits = torch.tensor([[2., 1., 0.5, -1.], [-3., -2., -2.5, -4.], [1., 3., 3., 0.]]).repeat(1000, 1)
+
+    for temperature in (1e-40, 5e-324):
+        torch.manual_seed(0)
+        drawn = sample(logits, temperature = temperature).view(1000, 3)
+        assert (drawn[:, 0] == 0).all() and (drawn[:, 1] == 1).all()
+        assert set(drawn[:, 2].tolist()) == {1, 2}
+
+    # rows that do not overflow are tempered as they always were, draw for draw
+    torch.manual_seed(0)
+    drawn = sample(logits, temperature = 0.7)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.multinomial((logits / 0.7).softmax(dim = -1), 1).squeeze(-1))
+
 def test_generate_checks_its_arguments(plus_one):
     prompt = torch.tensor([[10, 11, 12]])
 
