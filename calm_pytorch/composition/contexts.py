@@ -80,8 +80,7 @@ def augment_context(
     # stops its forward once the segments cover them
     expected_len = inputs.shape[-1] if not exists(adapter.input_shape) else None
 
-    if not aligned:
-        check_padding_is_masked(calm, index, inputs_mask, arg)
+    check_padding_is_masked(calm, index, inputs_mask, 'mask' if aligned else f'{arg}_mask')
 
     with torch.no_grad():
         hiddens = recorder(lambda: adapter(inputs, inputs_mask), expected_len)
@@ -144,9 +143,9 @@ def check_one_per_token(hiddens: dict, length: int, index: int):
                 'positions with the anchor\'s, so it needs one per token (a model with memory tokens prepends its own). Pass its input as `prompt=` (context mode)'
             )
 
-def check_padding_is_masked(calm: Composition, index: int, mask: Tensor | None, arg: str):
+def check_padding_is_masked(calm: Composition, index: int, mask: Tensor | None, mask_arg: str):
     # an augment without a mask argument reads padding as tokens. That is harmless only when no real
-    # position reads it: a causal model, padded after its tokens, whose hidden states are the context
+    # position reads it: a causal model, padded after its tokens (aligned augments are causal)
     adapter = calm.augment_adapters[index]
 
     if exists(adapter.mask_kwarg) or exists(adapter.input_shape) or not exists(mask) or bool(mask.all()):
@@ -164,7 +163,7 @@ def check_padding_is_masked(calm: Composition, index: int, mask: Tensor | None, 
         return
 
     raise ValueError(
-        f'`{arg}_mask` marks padding for augment {index} ({type(adapter.model).__name__}), whose forward takes no mask argument, so it '
+        f'`{mask_arg}` marks padding for augment {index} ({type(adapter.model).__name__}), whose forward takes no mask argument, so it '
         f'reads the padding as tokens, and {why}. Give it a `mask` or `attention_mask` argument (or name yours with '
         'AugmentParams(mask_kwarg = ...)), or pass unpadded rows one at a time'
     )

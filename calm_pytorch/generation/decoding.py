@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from calm_pytorch.composition.contexts import augment_context, check_aligned, check_one_per_token
+from calm_pytorch.composition.contexts import augment_context, check_aligned, check_one_per_token, check_padding_is_masked
 from calm_pytorch.composition.cross_attention import CrossAttentionBlock
 from calm_pytorch.composition.injection import AugmentContext
 from calm_pytorch.composition.protocol import Composition
@@ -100,6 +100,10 @@ class ComposedDecoder:
                     raise ValueError(f'a prompt_mask was given for augment {index} but no prompt; pass the prompt too, or leave the mask out for aligned mode')
 
                 check_aligned(calm, index)
+
+                if not exists(calm.augment_texts[index]):  # else it reads its own tokens
+                    check_padding_is_masked(calm, index, mask, 'mask')
+
                 continue
 
             context = augment_context(calm, index, tokens, mask, prompts[index], prompt_masks[index], arg)

@@ -119,3 +119,46 @@ def test_an_augment_with_memory_tokens_is_refused_in_aligned_mode_and_read_in_co
 
     # in context mode every position of it is context
     assert calm(seq, prompt = tokens(length = 6)).isfinite()
+
+class CausalMean(torch.nn.Module):
+    """A block reading the mean of the positions up to each one: causal, with no mask argument."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        mean = x.cumsum(dim = 1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
+        return x + self.net(mean).tanh()
+
+class MasklessLM(torch.nn.Module):
+    def __init__(self, dim: int = 12, depth: int = 2):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(NUM_TOKENS, dim), torch.nn.Linear(dim, NUM_TOKENS)
+        self.blocks = torch.nn.ModuleList([CausalMean(dim) for _ in range(depth)])
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+def test_an_aligned_augment_without_a_mask_argument_is_refused_left_padding(anchor):
+    # it would read the padding before a short row's tokens (as context mode already refused):
+    # right padding is harmless to a causal augment, left padding is refused in the forward and in
+    # generation; rows without padding generate as before
+    augment = MasklessLM()
+    calm = CALM(anchor, AugmentParams(model = augment, transformer_blocks = augment.blocks), attn_kwargs = dict(heads = 2, dim_head = 8))
+    seq = tokens(length = 7)
+    right, left = torch.ones(2, 7, dtype = torch.bool), torch.ones(2, 7, dtype = torch.bool)
+    right[1, 4:], left[1, :3] = False, False
+
+    calm(seq, mask = right, return_loss = False)
+
+    with pytest.raises(ValueError, match = r'`mask` marks padding for augment 0 \(MasklessLM\), whose forward takes no mask argument.*before real tokens'):
+        calm(seq, mask = left, return_loss = False)
+
+    with pytest.raises(ValueError, match = r'`mask` marks padding for augment 0 \(MasklessLM\)'):
+        calm.generate([seq[0], seq[1, 3:]], max_new_tokens = 2, temperature = 0.)
+
+    assert calm.generate(seq, max_new_tokens = 2, temperature = 0.).shape == (2, 2)
