@@ -20,8 +20,10 @@ def make_adapter(model: Module, *, role: str = 'augment', **kwargs) -> ModelAdap
     if HFAdapter.matches(model):
         return HFAdapter(model, role = role, **kwargs)
 
-    adapter_class = XTransformersAdapter if XTransformersAdapter.matches(model) else ModelAdapter
-    return adapter_class(model, **kwargs)
+    if XTransformersAdapter.matches(model):
+        return XTransformersAdapter(model, role = role, **kwargs)
+
+    return ModelAdapter(model, **kwargs)
 
 def peft_base_model(model: Module) -> Module:
     """The model inside a PEFT wrapper, else `model`. LoRA and PEFT's other adapter methods change

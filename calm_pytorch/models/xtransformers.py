@@ -20,32 +20,68 @@ class XTransformersAdapter(ModelAdapter):
         from x_transformers.x_transformers import AttentionLayers
         return isinstance(getattr(model, 'attn_layers', None), AttentionLayers)
 
-    def __init__(self, model: Module, **kwargs):
+    # x-transformers' cache keeps no shifted token (`shift_tokens`): its cached steps differ from its
+    # forward. A class default, so that adapters pickled before this was known read it too
+    shifts_tokens: bool = False
+    # an augment with absolute positions, which a left-padded row must read from its first real token
+    positions_from_mask: bool = False
+
+    def __init__(self, model: Module, *, role: str = 'augment', **kwargs):
+        check_composable(model, kwargs['name'], role)
         super().__init__(model, **kwargs)
 
-        from x_transformers.x_transformers import AbsolutePositionalEmbedding
+        from x_transformers import x_transformers as xt
 
-        if isinstance(getattr(model, 'pos_emb', None), AbsolutePositionalEmbedding):
+        if isinstance(getattr(model, 'pos_emb', None), xt.AbsolutePositionalEmbedding):
             self.max_seq_len = model.max_seq_len
 
-        self.configured_len = getattr(model, 'max_seq_len', None)
+        # 0 is x-transformers' "no absolute positions, no limit"
+        self.configured_len = getattr(model, 'max_seq_len', None) or None
+
+        shift_tokens = getattr(xt, 'ShiftTokens', None)
+        self.shifts_tokens = isinstance(shift_tokens, type) and any(isinstance(module, shift_tokens) for module in model.modules())
+
+        absolute = isinstance(getattr(model, 'pos_emb', None), (xt.AbsolutePositionalEmbedding, xt.ScaledSinusoidalEmbedding))
+        rotary = exists(getattr(model.attn_layers, 'rotary_pos_emb', None))  # reads `pos` too, as one row's
+        self.positions_from_mask = role == 'augment' and absolute and not rotary
 
         # a ContinuousTransformerWrapper reads vectors and has no vocabulary
         num_tokens = getattr(model, 'num_tokens', None)
         self.vocab_size = num_tokens if isinstance(num_tokens, int) and not exists(self.input_shape) else None
 
+    def __call__(self, inputs: Tensor, mask: Tensor | None = None, **kwargs) -> Any:
+        # x-transformers counts absolute positions from the first position, padding or not: an
+        # augment's left-padded row (aligned, or a context prompt) reads each token at its position
+        # alone, as `seq_start_pos` gives in decoding. No data-dependent branch: a compiled forward
+        # keeps one graph. The anchor reads exactly what its caller passes: its plain call is the reference
+        if self.positions_from_mask and exists(mask) and 'pos' not in kwargs:
+            kwargs['pos'] = (mask.long().cumsum(dim = -1) - 1).clamp(min = 0)
+
+        return super().__call__(inputs, mask, **kwargs)
+
     @property
     def can_cache(self) -> bool:
-        return bool(getattr(self.model, 'can_cache_kv', False))
+        return bool(getattr(self.model, 'can_cache_kv', False)) and not self.shifts_tokens
 
     @property
     def why_no_cache(self) -> str | None:
+        if self.shifts_tokens:
+            return "it shifts tokens (`shift_tokens`), which x-transformers' cache does not keep, so its cached steps would differ from its forward"
+
         return None if self.can_cache else 'its `can_cache_kv` is False (x-transformers turns it off for features that cannot be cached)'
 
     def decode(self, tokens: Tensor, mask: Tensor | None, state: DecodeState | None) -> Any:
         # left padding goes in as `seq_start_pos`, as in x-transformers' own generate: positions
         # are shifted so each row starts at 0, and the padded keys are masked
         seq_start_pos = left_pad_offsets(mask)
+
+        if exists(seq_start_pos) and getattr(self.model, 'num_memory_tokens', 0) > 0:
+            # x-transformers counts `seq_start_pos` from its memory tokens, prepended to the
+            # sequence: it would mask them and read the padding
+            raise ValueError(
+                f'{self.name} has memory tokens, which x-transformers masks instead of the padding of a left-padded row: '
+                'generate prompts of different lengths one at a time'
+            )
 
         if not exists(state) or not self.can_cache:
             return self.model(tokens, seq_start_pos = seq_start_pos)
@@ -120,3 +156,23 @@ class XTransformersAdapter(ModelAdapter):
     def checkpoint_units(self) -> list[list[Module]]:
         branches = getattr(self, 'branches', {})
         return [branches.get(layer.output.key, [layer.output.module]) for layer in self.layers]
+
+def check_composable(model: Module, name: str, role: str):
+    # features whose layers CALM cannot read or write as one hidden state per position, refused
+    # before the probes fail inside x-transformers
+    attn_layers = model.attn_layers
+
+    if getattr(attn_layers, 'num_residual_streams', 1) > 1:
+        raise ValueError(
+            f'{name} has {attn_layers.num_residual_streams} residual streams (hyper-connections, `num_residual_streams`), '
+            'folded into the batch between its layers: CALM reads and writes one hidden state per position, and cannot compose it'
+        )
+
+    if getattr(attn_layers, 'cross_attend', False):
+        raise ValueError(f'{name} cross-attends (`cross_attend = True`) to a `context` it must be given, which CALM does not pass')
+
+    if role == 'anchor' and getattr(model, 'to_logits', True) is None:
+        raise ValueError(
+            f'{name} returns embeddings, not logits (`return_only_embed = True`): the anchor must give logits over its '
+            f'{model.num_tokens} tokens; such a model can be an augment'
+        )
