@@ -130,10 +130,17 @@ class AugmentText:
         return [encoding.ids for encoding in self.encoder.encode_batch(texts, add_special_tokens = add_special_tokens)]
 
     def leading_special_tokens(self) -> list[int]:
-        # what the tokenizer puts before a text: compare a text with and without its special tokens
-        with_special, plain = (self.raw_encode(['a'], flag)[0] for flag in (True, False))
-        start = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i:i + len(plain)] == plain), 0)
-        return with_special[:start]
+        # what the tokenizer puts before a text: compare a text with and without its special tokens.
+        # The text must give tokens of its own (an empty match would be found at 0): a vocabulary
+        # without `a` (DNA letters, digits, another script) is probed with the next text
+        for text in ('a', 'A', '0', '.', 'G', 'あ', 'а'):
+            with_special, plain = (self.raw_encode([text], flag)[0] for flag in (True, False))
+
+            if len(plain) > 0:
+                start = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i:i + len(plain)] == plain), 0)
+                return with_special[:start]
+
+        return []
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.kind == 'plain':

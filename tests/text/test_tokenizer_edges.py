@@ -62,3 +62,21 @@ def test_a_tokenizer_named_by_a_string_is_refused_at_construction():
 
     with pytest.raises(TypeError, match = r'`augment_llms\[0\]\.tokenizer` must offer `encode\(text\) -> list\[int\]`.*got str'):
         CALM(anchor, AugmentParams(model = augment, tokenizer = 'bert-base-uncased'), anchor_tokenizer = byte_bpe())
+
+def test_the_leading_special_tokens_of_a_vocabulary_without_a_are_kept():
+    # the prefix (BOS, [CLS]) was found by encoding 'a' with and without special tokens; a
+    # vocabulary that cannot spell it (DNA letters, no unknown token) lost its BOS
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from calm_pytorch.text.tokenizers import AugmentText
+
+    dna = Tokenizer(models.BPE())
+    dna.pre_tokenizer = pre_tokenizers.Whitespace()
+    dna.train_from_iterator(['ACGT GATTACA TTAGGC CAT GCA'] * 5, trainers.BpeTrainer(vocab_size = 40, special_tokens = ['<s>', '</s>']))
+    dna.post_processor = processors.TemplateProcessing(single = '<s> $A', special_tokens = [('<s>', 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object = dna, bos_token = '<s>', eos_token = '</s>')
+
+    reader = AugmentText(tokenizer, 'augment')
+    assert reader.prefix == [0]
+    assert reader.encode_batch(['GATTACA CAT']) == [tokenizer('GATTACA CAT').input_ids]
