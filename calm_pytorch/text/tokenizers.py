@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from calm_pytorch.helpers import exists
@@ -40,8 +41,8 @@ class AnchorText:
             # transformers: no clean-up, which would rewrite " ." as "." depending on what follows
             return tokenizer.batch_decode(sequences, skip_special_tokens = True, clean_up_tokenization_spaces = False)
 
-        if callable(getattr(tokenizer, 'decode_batch', None)):
-            return tokenizer.decode_batch(sequences, skip_special_tokens = True)  # tokenizers.Tokenizer
+        if is_tokenizers_tokenizer(tokenizer):
+            return tokenizer.decode_batch(sequences, skip_special_tokens = True)
 
         return [tokenizer.decode(ids) for ids in sequences]
 
@@ -101,7 +102,7 @@ class AugmentText:
     def __init__(self, tokenizer: Any, name: str):
         self.tokenizer = tokenizer
         self.name = name
-        self.kind = 'transformers' if callable(getattr(tokenizer, 'batch_decode', None)) else 'tokenizers' if callable(getattr(tokenizer, 'encode_batch', None)) else 'plain'
+        self.kind = 'transformers' if callable(getattr(tokenizer, 'batch_decode', None)) else 'tokenizers' if is_tokenizers_tokenizer(tokenizer) else 'plain'
 
         # a str has `encode` too (to bytes): a hub id or path given for the tokenizer itself
         if isinstance(tokenizer, (str, bytes)) or self.kind == 'plain' and not callable(getattr(tokenizer, 'encode', None)):
@@ -199,6 +200,12 @@ class AugmentText:
         if size != self.checked_size:
             self.splits_at_spaces = self.kind != 'plain' and splits_at_spaces(self.tokenizer)
             self.checked_size = size
+
+def is_tokenizers_tokenizer(tokenizer: Any) -> bool:
+    # by type, not by method names: tiktoken's `Encoding` has `encode_batch` and `decode_batch`
+    # too, with other arguments. Never imported here: an instance means it was imported already
+    tokenizers = sys.modules.get('tokenizers')
+    return exists(tokenizers) and isinstance(tokenizer, tokenizers.Tokenizer)
 
 def fast_backend(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that decodes through it

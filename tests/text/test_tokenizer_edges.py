@@ -80,3 +80,35 @@ def test_the_leading_special_tokens_of_a_vocabulary_without_a_are_kept():
     reader = AugmentText(tokenizer, 'augment')
     assert reader.prefix == [0]
     assert reader.encode_batch(['GATTACA CAT']) == [tokenizer('GATTACA CAT').input_ids]
+
+class BytesWithBatchMethods:
+    """A plain tokenizer (UTF-8 bytes) whose `encode_batch` / `decode_batch` take other arguments
+    than `tokenizers`' (as tiktoken's `Encoding` does): only `encode` and `decode` are promised."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors = 'replace')
+
+    def encode_batch(self, texts, *, num_threads = 8):
+        return [self.encode(text) for text in texts]
+
+    def decode_batch(self, batch, *, errors = 'replace', num_threads = 8):
+        return [self.decode(ids) for ids in batch]
+
+def test_a_plain_tokenizer_with_batch_methods_of_its_own_is_read_by_encode_and_decode():
+    # taken for a `tokenizers.Tokenizer` by its method names, it failed at the first call on
+    # `add_special_tokens` (augment) or `skip_special_tokens` (anchor)
+    plain = BytesWithBatchMethods()
+    text = 'the cat sat'
+
+    for anchor_tokenizer, augment_tokenizer in ((byte_bpe(), plain), (plain, byte_bpe())):
+        anchor_vocab, augment_vocab = (256 if tokenizer is plain else len(tokenizer) for tokenizer in (anchor_tokenizer, augment_tokenizer))
+        anchor = TransformerWrapper(num_tokens = anchor_vocab, max_seq_len = 64, attn_layers = Decoder(dim = 32, depth = 2, heads = 2, attn_dim_head = 16))
+        augment = TransformerWrapper(num_tokens = augment_vocab, max_seq_len = 64, attn_layers = Decoder(dim = 24, depth = 2, heads = 2, attn_dim_head = 16))
+        calm = CALM(anchor, AugmentParams(model = augment, tokenizer = augment_tokenizer), anchor_tokenizer = anchor_tokenizer, attn_kwargs = dict(heads = 2, dim_head = 16))
+
+        ids = torch.tensor([anchor_tokenizer.encode(text) if anchor_tokenizer is plain else anchor_tokenizer(text).input_ids])
+        assert calm(ids, return_loss = False).shape == (1, ids.shape[-1], anchor_vocab)
+        assert calm.generate(ids, max_new_tokens = 2, temperature = 0.).shape == (1, 2)
