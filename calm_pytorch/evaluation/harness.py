@@ -14,7 +14,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from torch import Tensor
 
 from calm_pytorch.calm import CALM
-from calm_pytorch.helpers import exists
+from calm_pytorch.helpers import default, exists
 
 # A composition in EleutherAI's lm-evaluation-harness. lm_eval's HFLM cannot take a CALM: it calls
 # `model(ids).logits` on right-padded batches without a mask and `model.generate(input_ids, attention_mask)`
@@ -118,7 +118,8 @@ class CALMEvalModel(TemplateLM):
     mode:              'aligned' (the augments read the anchor's tokens) or 'context' (they read
                        `prompt_field` of the task's document, else the request's context)
     prompt_field:      context mode: the document field the augments read
-    augment_tokenizer: context mode: tokenizes what the augments read (default: `tokenizer`)
+    augment_tokenizer: context mode: tokenizes what the augments read (default: each augment's own
+                       tokenizer, given to the CALM in `AugmentParams(tokenizer = ...)`, else `tokenizer`)
     batch_size:        requests per forward or generation (an int; 'auto' is not supported)
     max_length:        the longest sequence the anchor reads (default: its config's, else 2048)
     max_gen_toks:      new tokens per generation when the task does not say
@@ -166,7 +167,7 @@ class CALMEvalModel(TemplateLM):
             self.calm.to(device)
 
         self.tokenizer = load_tokenizer(tokenizer, pretrained, self.calm, 'tokenizer')
-        self.augment_tokenizer = load_tokenizer(augment_tokenizer, pretrained, self.calm, 'augment_tokenizer') if exists(augment_tokenizer) else self.tokenizer
+        self.augment_tokenizer = load_tokenizer(augment_tokenizer, pretrained, self.calm, 'augment_tokenizer') if exists(augment_tokenizer) else None
 
         self.mode = mode
         self.prompt_field = prompt_field
@@ -268,12 +269,26 @@ class CALMEvalModel(TemplateLM):
         if not exists(texts):
             return dict()
 
-        # cut on the left to what every augment reads, as the anchor's context is cut to max_length
-        limits = [adapter.configured_len for adapter in self.calm.augment_adapters if exists(adapter.configured_len)]
-        rows = [self.augment_tokenizer.encode(text) for text in texts]
-        rows = [row[-min(limits):] for row in rows] if len(limits) > 0 else rows
-        prompt, prompt_mask = pad_rows(rows, self.augment_tokenizer.pad_token_id or 0, 'right', self.device)
-        return dict(prompt = prompt, prompt_mask = prompt_mask)
+        # each augment reads the texts in its own tokens: those of `augment_tokenizer` if given, else
+        # of the tokenizer the CALM holds for it (as in aligned mode), else the anchor's
+        prompts, masks = [], []
+
+        for index, adapter in enumerate(self.calm.augment_adapters):
+            own = self.calm.augment_texts[index]
+
+            if exists(self.augment_tokenizer) or not exists(own):
+                tokenizer = default(self.augment_tokenizer, self.tokenizer)
+                rows, pad_id = [tokenizer.encode(text) for text in texts], tokenizer.pad_token_id
+            else:
+                rows, pad_id = own.encode_batch(texts), getattr(own.tokenizer, 'pad_token_id', None)
+
+            # cut on the left to what the augment reads, as the anchor's context is cut to max_length
+            rows = [row[-adapter.configured_len:] for row in rows] if exists(adapter.configured_len) else rows
+            prompt, prompt_mask = pad_rows(rows, pad_id or 0, 'right', self.device)
+            prompts.append(prompt)
+            masks.append(prompt_mask)
+
+        return dict(prompt = prompts, prompt_mask = masks)
 
     # scoring
 

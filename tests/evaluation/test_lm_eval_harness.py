@@ -302,3 +302,28 @@ def test_command_line_loads_a_saved_composition(tmp_path, composition):
 
     for one, other in zip(from_cli, in_process):
         assert [float(resp[0][0]) for resp in one['resps']] == pytest.approx([resp[0][0] for resp in other['resps']], abs = 1e-4)
+
+def test_context_mode_tokenizes_for_each_augment_with_its_own_tokenizer():
+    # an augment given its own tokenizer (AugmentParams(tokenizer = ...)) read the document in the
+    # anchor's ids, silently where they fit its vocabulary; now in its own tokens, as in aligned mode
+    from text_tokenizers import wordpiece
+
+    from calm_pytorch import AugmentParams
+
+    anchor_tokenizer, augment_tokenizer = byte_bpe(), wordpiece()
+    torch.manual_seed(0)
+    anchor = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size = len(anchor_tokenizer), hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 64, max_position_embeddings = 64))
+    augment = transformers.BertModel(transformers.BertConfig(vocab_size = len(augment_tokenizer), hidden_size = 24, num_hidden_layers = 2, num_attention_heads = 2, intermediate_size = 48))
+    calm = CALM(anchor, [AugmentParams(model = augment, tokenizer = augment_tokenizer), AugmentParams(model = copy.deepcopy(augment), tokenizer = augment_tokenizer)], anchor_tokenizer = anchor_tokenizer, attn_kwargs = dict(heads = 2, dim_head = 8))
+
+    with torch.no_grad():
+        for param in calm.cross_attns.parameters():
+            param.normal_(std = 0.5)
+
+    doc = QUESTIONS[0]
+    model = CALMEvalModel(calm.eval(), tokenizer = anchor_tokenizer, mode = 'context', prompt_field = 'document')
+    (logprob, _), = model.loglikelihood([request('loglikelihood', (doc['question'], doc['choices'][0]), doc)])
+
+    own = torch.tensor([[augment_tokenizer.convert_tokens_to_ids('[CLS]'), *augment_tokenizer(doc['document'], add_special_tokens = False).input_ids]])
+    context, whole = anchor_tokenizer.encode(doc['question']), anchor_tokenizer.encode(doc['question'] + doc['choices'][0])
+    assert logprob == pytest.approx(direct_loglikelihood(calm, whole, len(whole) - len(context), prompt = own), abs = 1e-4)
