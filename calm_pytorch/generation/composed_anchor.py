@@ -205,9 +205,8 @@ class ContextsForBatch:
 
         # other threads read this state while it changes, so each attribute is replaced whole,
         # never changed in place, and `closed` is set last: a thread that finds the block closed
-        # finds its list of threads too. `running_before` stays as it was: a thread that read
-        # `started_inside` as still unknown then reads it, and must not be claimed by a block that
-        # has just closed (its after-hook, which would unset the contexts, may be gone by then)
+        # finds its list of threads too. `running_before` stays as it was, for the checks of other
+        # blocks' claims, which read it without this block's lock
         with self.lock:
             started_inside = {thread for thread in threading.enumerate() if self.started_in_block(thread)}
 
