@@ -63,7 +63,7 @@ class ModelAdapter:
             self.layers = None
             return
 
-        check_not_compiled(model, name)
+        check_not_a_compile_wrapper(model, name)
 
         if exists(extract_blocks_fn):
             blocks = extract_blocks_fn(model)
@@ -76,6 +76,7 @@ class ModelAdapter:
         else:
             self.layers = self.find_layers()
 
+        check_hooked_modules_not_compiled(model, name, [site.module for layer in self.layers for site in (layer.input, layer.output)])
         self.layers = self.in_execution_order(self.layers)
 
     # finding layers
@@ -352,26 +353,37 @@ def left_pad_offsets(mask: Tensor | None) -> Tensor | None:
 
     return (~mask).sum(dim = -1)
 
-def check_not_compiled(model: Module, name: str):
-    # torch.compile does not guard on a module's hooks: code it compiled before the CALM hooked the
-    # model runs on without them (the constructor's probes then see nothing, or a composed call
-    # reads the plain model). Compiling after the CALM is built works (docs/generation.md)
+# torch.compile does not guard on a module's hooks: code it compiled before the CALM hooked the
+# model runs on without them (the constructor's probes then see nothing, or a composed call reads
+# the plain model). Compiling after the CALM is built works (docs/generation.md)
+COMPILE_AFTER = 'Build the CALM over the uncompiled model, then compile, e.g. `anchor.forward = torch.compile(anchor.forward)` after `CALM(...)`'
+
+def check_not_a_compile_wrapper(model: Module, name: str):
     if hasattr(model, '_orig_mod'):
-        raise TypeError(
-            f'{name} is a torch.compile wrapper ({type(model).__name__}): build the CALM over the module itself '
-            f'(`compiled._orig_mod`), then compile, e.g. `anchor.forward = torch.compile(anchor.forward)` after `CALM(...)`'
-        )
+        raise TypeError(f'{name} is a torch.compile wrapper ({type(model).__name__}): pass the module itself (`compiled._orig_mod`). {COMPILE_AFTER}')
+
+def check_hooked_modules_not_compiled(model: Module, name: str, hooked: list[Module]):
+    # the modules whose calls carry the composition's hooks (the sites), and those above them;
+    # a module compiled inside a block (its MLP) runs between the hooks and is left alone
+    paths = {id(module): path for path, module in model.named_modules()}
+    watched = set()
+
+    for module in hooked:
+        parts = paths[id(module)].split('.') if paths.get(id(module)) else []
+        watched.update('.'.join(parts[:index]) for index in range(len(parts) + 1))
 
     for path, module in model.named_modules():
+        if path not in watched:
+            continue
+
         compiled_forward = hasattr(vars(module).get('forward'), '_torchdynamo_orig_callable')
 
         if compiled_forward or getattr(module, '_compiled_call_impl', None) is not None:
             where = f'`{path}`' if path else 'the model'
             how = '`.forward = torch.compile(...)`' if compiled_forward else '`.compile()`'
             raise TypeError(
-                f'{name} is already compiled ({where}, by {how}): torch.compile does not see hooks added after it compiled, so the '
-                'composition would be skipped. Build the CALM over the uncompiled model, then compile, e.g. '
-                '`anchor.forward = torch.compile(anchor.forward)` after `CALM(...)`'
+                f'{name} is already compiled ({where}, by {how}): torch.compile does not see hooks added after it compiled, '
+                f'so the composition would be skipped. {COMPILE_AFTER}'
             )
 
 def find_mask_kwarg(model: Module) -> str | None:

@@ -27,7 +27,7 @@ class XTransformersAdapter(ModelAdapter):
     positions_from_mask: bool = False
 
     def __init__(self, model: Module, *, role: str = 'augment', **kwargs):
-        check_composable(model, kwargs['name'], role)
+        check_composable(model, kwargs['name'], role, exists(kwargs.get('logits_fn')))
         super().__init__(model, **kwargs)
 
         from x_transformers import x_transformers as xt
@@ -41,9 +41,13 @@ class XTransformersAdapter(ModelAdapter):
         shift_tokens = getattr(xt, 'ShiftTokens', None)
         self.shifts_tokens = isinstance(shift_tokens, type) and any(isinstance(module, shift_tokens) for module in model.modules())
 
-        absolute = isinstance(getattr(model, 'pos_emb', None), (xt.AbsolutePositionalEmbedding, xt.ScaledSinusoidalEmbedding))
-        rotary = exists(getattr(model.attn_layers, 'rotary_pos_emb', None))  # reads `pos` too, as one row's
-        self.positions_from_mask = role == 'augment' and absolute and not rotary
+        # learned absolute positions, read per row; `pos` also reaches the attention layers, where
+        # rotary embeddings and relative biases other than alibi take no positions per row
+        absolute = isinstance(getattr(model, 'pos_emb', None), xt.AbsolutePositionalEmbedding)
+        rotary = exists(getattr(model.attn_layers, 'rotary_pos_emb', None))
+        rel_pos = getattr(model.attn_layers, 'rel_pos', None)
+        per_row = not rotary and (not exists(rel_pos) or isinstance(rel_pos, xt.AlibiPositionalBias))
+        self.positions_from_mask = role == 'augment' and absolute and per_row
 
         # a ContinuousTransformerWrapper reads vectors and has no vocabulary
         num_tokens = getattr(model, 'num_tokens', None)
@@ -157,7 +161,7 @@ class XTransformersAdapter(ModelAdapter):
         branches = getattr(self, 'branches', {})
         return [branches.get(layer.output.key, [layer.output.module]) for layer in self.layers]
 
-def check_composable(model: Module, name: str, role: str):
+def check_composable(model: Module, name: str, role: str, has_logits_fn: bool):
     # features whose layers CALM cannot read or write as one hidden state per position, refused
     # before the probes fail inside x-transformers
     attn_layers = model.attn_layers
@@ -171,8 +175,8 @@ def check_composable(model: Module, name: str, role: str):
     if getattr(attn_layers, 'cross_attend', False):
         raise ValueError(f'{name} cross-attends (`cross_attend = True`) to a `context` it must be given, which CALM does not pass')
 
-    if role == 'anchor' and getattr(model, 'to_logits', True) is None:
+    if role == 'anchor' and getattr(model, 'to_logits', True) is None and not has_logits_fn:
         raise ValueError(
             f'{name} returns embeddings, not logits (`return_only_embed = True`): the anchor must give logits over its '
-            f'{model.num_tokens} tokens; such a model can be an augment'
+            f'{model.num_tokens} tokens; give `anchor_logits_fn` (embeddings -> logits), or use such a model as an augment'
         )

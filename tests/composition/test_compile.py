@@ -91,13 +91,13 @@ def test_models_compiled_before_the_composition_is_built_are_refused():
         model.forward = torch.compile(model.forward, backend = 'eager')
         return model
 
-    def compiled_block(model):
-        model.attn_layers.layers[0].compile(backend = 'eager')
+    def compiled_layers(model):
+        model.attn_layers.compile(backend = 'eager')  # the anchor's first site: its input
         return model
 
     ways = [
         (compiled_forward, "already compiled (the model, by `.forward = torch.compile(...)`)"),
-        (compiled_block, 'already compiled (`attn_layers.layers.0`, by `.compile()`)'),
+        (compiled_layers, 'already compiled (`attn_layers`, by `.compile()`)'),
         (lambda model: torch.compile(model, backend = 'eager'), 'is a torch.compile wrapper (OptimizedModule)'),
     ]
 
@@ -108,5 +108,22 @@ def test_models_compiled_before_the_composition_is_built_are_refused():
 
             with pytest.raises(TypeError, match = f'^{re.escape(role)} .*{re.escape(message)}'):
                 CALM(anchor, AugmentParams(model = augment), attn_kwargs = dict(heads = 2, dim_head = 16))
+
+    # a module inside a block runs between the hooks: compiled before, it is composed as eager
+    torch.manual_seed(0)
+    anchor, augment = decoder(dim = 32, depth = 2), decoder(dim = 24, depth = 2)
+    eager = CALM(anchor, AugmentParams(model = augment), attn_kwargs = dict(heads = 2, dim_head = 16))
+    with torch.no_grad():
+        for param in eager.cross_attns.parameters():
+            param.normal_(std = 0.3)
+
+    seq = tokens()
+    expected = eager(seq, return_loss = False)
+    eager.remove_hooks()
+
+    anchor.attn_layers.layers[0].compile(backend = 'eager')  # the first attention, inside block 1
+    calm = CALM(anchor, AugmentParams(model = augment), attn_kwargs = dict(heads = 2, dim_head = 16))
+    calm.load_state_dict(eager.state_dict())
+    assert torch.allclose(calm(seq, return_loss = False), expected, atol = 1e-6)
 
     dynamo.reset()

@@ -81,12 +81,32 @@ def test_features_calm_cannot_compose_are_refused_by_name(role, feature, message
     with pytest.raises(ValueError, match = f'^{name} {message}'):
         CALM(anchor, AugmentParams(model = augment), attn_kwargs = ATTN)
 
-def test_an_anchor_returning_embeddings_is_refused_and_an_augment_may():
+def test_an_anchor_returning_embeddings_needs_a_logits_fn_and_an_augment_may():
     # its (b, n, dim) output was read as logits: "token ids" drawn from embedding features
     with pytest.raises(ValueError, match = r'^anchor_llm returns embeddings, not logits \(`return_only_embed = True`\)'):
         CALM(wrapper(return_only_embed = True), AugmentParams(model = decoder(dim = 24, depth = 2)), attn_kwargs = ATTN)
 
+    head = torch.nn.Linear(32, NUM_TOKENS)
+    calm = CALM(wrapper(return_only_embed = True), AugmentParams(model = decoder(dim = 24, depth = 2)), anchor_logits_fn = head, attn_kwargs = ATTN)
+    assert calm(torch.randint(0, NUM_TOKENS, (2, 6)), return_loss = False).shape == (2, 6, NUM_TOKENS)
+
     CALM(decoder(dim = 32, depth = 2), AugmentParams(model = wrapper(return_only_embed = True)), attn_kwargs = ATTN)
+
+@pytest.mark.parametrize('positions', (dict(scaled_sinu_pos_emb = True), dict(dynamic_pos_bias = True), dict(alibi_pos_bias = True)))
+def test_augments_with_other_positions_read_masks_as_before(positions):
+    # positions from the mask go only to learned absolute ones: scaled sinusoids and relative
+    # biases other than alibi take no positions per row
+    layer_kwargs = {key: value for key, value in positions.items() if key != 'scaled_sinu_pos_emb'}
+    augment = TransformerWrapper(
+        num_tokens = NUM_TOKENS, max_seq_len = 64, scaled_sinu_pos_emb = positions.get('scaled_sinu_pos_emb', False),
+        attn_layers = Decoder(dim = 24, depth = 2, heads = 2, attn_dim_head = 16, **layer_kwargs)
+    )
+    calm = CALM(decoder(dim = 32, depth = 2), AugmentParams(model = augment), attn_kwargs = ATTN)
+    seq, mask = torch.randint(0, NUM_TOKENS, (2, 6)), torch.ones(2, 6, dtype = torch.bool)
+    mask[1, 4:] = False
+
+    assert calm(seq, mask = mask, return_loss = False).shape == (2, 6, NUM_TOKENS)
+    assert calm(seq, prompt = seq, prompt_mask = mask, return_loss = False).shape == (2, 6, NUM_TOKENS)
 
 def test_an_augment_with_absolute_positions_reads_a_left_padded_row_as_alone():
     # x-transformers counts absolute positions from the first position, padding or not: the
