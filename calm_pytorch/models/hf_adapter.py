@@ -17,6 +17,10 @@ from calm_pytorch.models.hf_discovery import discovery_root, find_hf_blocks, is_
 # the keyword a forward takes its cache by: `past_key_values` until transformers 5.24, `cache` since
 CACHE_KWARGS = ('cache', 'past_key_values')
 
+# model types whose forward multiplies each input position's state by its attention-mask entry,
+# so that a cached step takes the mask of its new positions only (as their own generate passes it)
+MASKS_EACH_INPUT_POSITION = {'mamba', 'falcon_mamba'}
+
 Role = Literal['anchor', 'augment']
 
 # calling conventions
@@ -236,9 +240,12 @@ class HFAdapter(ModelAdapter):
         # the rest of a prompt is skipped, as in transformers' own generate
         last_logits = dict(logits_to_keep = 1) if 'logits_to_keep' in self.params else dict()
 
+        # a whole sequence's mask would broadcast one new position over all of them
+        step_mask = mask[:, start:] if text_config(self.model).model_type in MASKS_EACH_INPUT_POSITION else mask
+
         return self.model(
             input_ids = tokens[:, start:],
-            attention_mask = mask,
+            attention_mask = step_mask,
             position_ids = position_ids[:, start:],
             use_cache = True,
             **{self.cache_kwarg: state.cache},

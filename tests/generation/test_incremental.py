@@ -163,6 +163,30 @@ def test_a_model_that_cannot_decode_incrementally_is_named_once():
         warnings.simplefilter('error')
         calm.generate(prompt, max_new_tokens = 3)  # once per model
 
+@pytest.mark.parametrize('padded', (False, True), ids = ('batch_1', 'left_padded'))
+def test_mamba_decodes_incrementally_as_it_recomputes(padded):
+    # Mamba multiplies each input position by its mask entry: given the whole sequence's mask with
+    # one new token, it broadcast that token over every position, and cached tokens silently
+    # differed from recomputed ones. As anchor and as aligned augment
+    def mamba():
+        return transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size = VOCAB, hidden_size = 32, num_hidden_layers = 2, state_size = 4, pad_token_id = 0)).eval()
+
+    torch.manual_seed(0)
+    anchor, augment = mamba(), mamba()
+    calm = trained(CALM(anchor, AugmentParams(model = augment, connections = ((1, 1), (2, 2))), attn_kwargs = ATTN))
+    anchor_reads, augment_reads = count_reads(anchor), count_reads(augment)
+    prompt, mask = prompts(padded)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # transformers before 5.25 gave Mamba a cache argument of its own: recomputed, said once
+        cached = calm.generate(prompt, mask = mask, max_new_tokens = NEW, **GREEDY)
+        recomputed = calm.generate(prompt, mask = mask, max_new_tokens = NEW, use_cache = False, **GREEDY)
+
+    assert torch.equal(cached, recomputed)
+
+    if calm.anchor_adapter.can_cache:
+        assert anchor_reads[:NEW] == augment_reads[:NEW] == [8] + [1] * (NEW - 1)
+
 @pytest.mark.parametrize('family', ('llama', 'gpt2'))
 def test_a_length_far_beyond_the_anchor_is_refused_before_anything_is_allocated(family):
     # 10**12 positions would need terabytes: the length is checked as a number first. GPT-2 has
