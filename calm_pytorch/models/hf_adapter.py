@@ -85,10 +85,13 @@ def vocab_size(target: Module, model: Module) -> int | None:
 
     return size if isinstance(size, int) and size > 0 else None
 
-def counts_positions_from_padding(model: Module) -> bool:
-    # RoBERTa and its kin derive positions from the pad token, starting after `padding_idx`;
-    # 0-based position ids would shift every position, so they keep their own
-    return any(exists(table.padding_idx) for table in position_tables(model))
+def check_right_padded(mask: Tensor, name: str, kind: str):
+    if bool((mask.int().cummin(dim = -1).values != mask.int()).any()):
+        raise ValueError(
+            f'the mask given to {name} ({kind}) has padding before real tokens, but this model counts its learned positions '
+            'from its first position and takes no `position_ids`, so a left-padded row would read other positions than '
+            'alone: pad its input on the right'
+        )
 
 class HFAdapter(ModelAdapter):
     """A transformers model. Its blocks are found from the model itself; it is called with
@@ -96,7 +99,8 @@ class HFAdapter(ModelAdapter):
     encoder-decoder augment runs its encoder only.
 
     The padding mask of an augment also gives its `position_ids`, so that padding (on either
-    side) never changes the hidden states of real tokens, even with absolute positions. The
+    side) never changes the hidden states of real tokens, even with absolute positions; an
+    augment with learned positions and no `position_ids` argument is refused left padding. The
     anchor gets exactly what the user passes: `mask` as `attention_mask`, and any extra keywords
     (e.g. `use_cache=False` in training, to skip building a cache)."""
 
@@ -134,10 +138,15 @@ class HFAdapter(ModelAdapter):
         if not exists(mask_kwarg) and 'attention_mask' in self.params:
             mask_kwarg = 'attention_mask'
 
-        self.positions_from_mask = (
-            role == 'augment' and 'position_ids' in self.params and
-            not exists(input_shape) and not counts_positions_from_padding(model)
-        )
+        self.positions_from_mask = role == 'augment' and 'position_ids' in self.params and not exists(input_shape)
+
+        # RoBERTa and its kin count positions after `padding_idx`: their ids from the mask start there
+        padding_idx = next((table.padding_idx for table in position_tables(model) if exists(table.padding_idx)), None)
+        self.first_position = padding_idx + 1 if exists(padding_idx) else 0
+
+        # an augment with learned positions and no `position_ids` argument (BART's encoder) reads a
+        # left-padded row at other positions than alone
+        self.left_padding_moves_positions = role == 'augment' and not exists(input_shape) and 'position_ids' not in self.params and len(position_tables(model)) > 0
 
         super().__init__(model, name = name, input_shape = input_shape, mask_kwarg = mask_kwarg, **kwargs)
 
@@ -180,7 +189,11 @@ class HFAdapter(ModelAdapter):
             kwargs.setdefault(self.mask_kwarg, mask.long())
 
         if exists(mask) and self.positions_from_mask:
-            kwargs.setdefault('position_ids', positions_from_mask(mask))
+            kwargs.setdefault('position_ids', positions_from_mask(mask) + getattr(self, 'first_position', 0))
+
+        # checked outside a compiled graph only: it reads the mask's values
+        if exists(mask) and getattr(self, 'left_padding_moves_positions', False) and not torch.compiler.is_compiling():
+            check_right_padded(mask, self.name, type(self.model).__name__)
 
         # an augment's cache would be thrown away. The anchor is left alone: `use_cache=False`
         # takes another attention path in some models (GPT-J, GPT-Neo), which changes the
