@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import Tensor
 from torch.nn import Module
 
 from calm_pytorch.composition.inputs import check_model
@@ -98,6 +99,13 @@ def derive_wiring(
         positions = positions_per_layer(augment.hidden_position, num_augment_layers[index], f'augment_llms[{index}].hidden_position')
         augment_keys.append([(augment_layer - 1, positions[augment_layer - 1]) for augment_layer, _ in pairs])
 
+        # a model returning its hidden states gives one per layer, with no input or output to choose
+        if augment_adapters[index].returns_hiddens and any(position != 'output' for _, position in augment_keys[-1]):
+            raise ValueError(
+                f"augment_llms[{index}].hidden_position = 'input' needs the blocks, whose inputs are read by hooks: with "
+                'model_return_hiddens = True each layer gives the one hidden state the model returns for it'
+            )
+
     # a segment-recurrent augment may offer its final state tokens instead of its hidden states
     reads_final_state = [check_recurrent_context(augment, adapter, keys, index) for index, (augment, adapter, keys) in enumerate(zip(augments, augment_adapters, augment_keys))]
 
@@ -147,20 +155,43 @@ def positions_per_layer(position, num_layers: int, name: str) -> tuple[HiddenPos
 
     return positions
 
+def returned_hiddens(adapter: ModelAdapter) -> list:
+    # model_return_hiddens: the model's output is its layers' hidden states, (b, n, d) each
+    hiddens = adapter.dry_run()
+
+    if not isinstance(hiddens, (list, tuple)) or len(hiddens) == 0 or not all(isinstance(hidden, Tensor) and hidden.ndim == 3 for hidden in hiddens):
+        got = f'a tensor of shape {tuple(hiddens.shape)}' if isinstance(hiddens, Tensor) else type(hiddens).__name__
+        raise TypeError(
+            f'{adapter.name} was given model_return_hiddens = True, so its output must be a list or tuple of its layers\' '
+            f'hidden states, each (batch, positions, width); got {got}. For a transformers model leave the option out: its blocks are found'
+        )
+
+    return list(hiddens)
+
 def count_layers(adapter: ModelAdapter) -> int:
     if adapter.returns_hiddens:
-        return len(adapter.dry_run())
+        return len(returned_hiddens(adapter))
 
     return len(adapter.layers)
 
 def augment_widths(adapter: ModelAdapter, keys) -> dict:
     if adapter.returns_hiddens:
-        hiddens = adapter.dry_run()
+        hiddens = returned_hiddens(adapter)
         return {key: hiddens[key[0]].shape[-1] for key in keys}
 
     sites = {key: adapter.layers[key[0]].site(key[1]) for key in keys}
-    dims = adapter.probe(list(sites.values())).dims
-    return {key: dims[site.key] for key, site in sites.items()}
+    probe = adapter.probe(list(sites.values()))
+
+    # the cross-attention reads (batch, positions, width): a feature map (batch, channels, h, w) would be cut wrong
+    for (layer, position), site in sites.items():
+        shape = probe.shapes[site.key]
+        if len(shape) != 3:
+            raise ValueError(
+                f'layer {layer + 1} of {adapter.name} ({type(site.module).__name__}) gives hidden states of shape {shape} at its {position}, '
+                'but the cross-attention reads (batch, positions, width): connect layers that give a sequence, or reshape in a block of yours'
+            )
+
+    return {key: probe.dims[site.key] for key, site in sites.items()}
 
 def check_recurrent_context(augment: AugmentParams, adapter: ModelAdapter, keys, index: int) -> bool:
     """True when the augment offers its final state tokens as the context."""

@@ -32,6 +32,7 @@ class Layer:
 class ProbeResult:
     firing: list[tuple[int, str]] = field(default_factory = list)   # site keys in the order they fired
     dims: dict[tuple[int, str], int] = field(default_factory = dict)  # site key -> hidden width
+    shapes: dict[tuple[int, str], tuple[int, ...]] = field(default_factory = dict)  # site key -> hidden shape
 
 class ModelAdapter:
     # the length the model was configured for (`max_position_embeddings`); a class default, so
@@ -212,7 +213,7 @@ class ModelAdapter:
 
         def record(key, hidden):
             result.firing.append(key)
-            result.dims[key] = hidden.shape[-1]
+            result.dims[key], result.shapes[key] = hidden.shape[-1], tuple(hidden.shape)
 
         unique = {site.key: site for site in sites}
         handles = [register_read_hook(site, lambda hidden, key = key: record(key, hidden)) for key, site in unique.items()]

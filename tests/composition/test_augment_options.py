@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TupleModel, tokens
 from torch import nn
@@ -62,3 +63,43 @@ def test_augment_hidden_position_input_reads_the_block_input(anchor):
     calm(seq, return_loss = False)
 
     assert torch.equal(captured['context'], augment.emb(seq))
+
+class ConvBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding = 1)
+
+    def forward(self, x):
+        return x + self.conv(x).tanh()
+
+class ConvNet(nn.Module):
+    # a CNN whose blocks give feature maps (batch, channels, h, w)
+    def __init__(self, channels: int = 8, depth: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding = 1)
+        self.blocks = nn.ModuleList([ConvBlock(channels) for _ in range(depth)])
+
+    def forward(self, images):
+        x = self.stem(images)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+def test_what_a_model_returning_its_hiddens_returns_is_checked(anchor):
+    # a transformers output (its keys were read as layers) or one tensor (its rows were read as
+    # layers) failed later, far from the option; 'input' was silently read as 'output'
+    class OneTensor(HiddensModel):
+        def forward(self, x, padding = None):
+            return super().forward(x)[-1]
+
+    with pytest.raises(TypeError, match = r'augment_llms\[0\] was given model_return_hiddens = True, so its output must be a list or tuple.*got a tensor of shape \(1, 2, 12\)'):
+        CALM(anchor, AugmentParams(model = OneTensor(), model_return_hiddens = True))
+
+    with pytest.raises(ValueError, match = r"augment_llms\[0\].hidden_position = 'input' needs the blocks"):
+        CALM(anchor, AugmentParams(model = HiddensModel(), model_return_hiddens = True, hidden_position = 'input'))
+
+def test_blocks_giving_feature_maps_are_refused_at_construction(anchor):
+    # their width was read from the map's last axis, and the first forward failed in a reshape
+    model = ConvNet()
+    with pytest.raises(ValueError, match = r'layer 2 of augment_llms\[0\] \(ConvBlock\) gives hidden states of shape \(1, 8, 4, 4\)'):
+        CALM(anchor, AugmentParams(model = model, transformer_blocks = model.blocks, input_shape = (3, 4, 4)))
