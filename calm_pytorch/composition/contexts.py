@@ -179,6 +179,14 @@ def check_prompt(calm: Composition, index: int, prompt: Tensor, prompt_mask: Ten
     if exists(adapter.input_shape):
         if tuple(prompt.shape[1:]) != tuple(adapter.input_shape):
             raise ValueError(f'`{arg}` must have shape (batch, *{tuple(adapter.input_shape)}) for augment {index}, got {tuple(prompt.shape)}')
+
+        # raw pixels (0 to 255) would be read as they are, or fail in a float layer: the model's
+        # processor scales and normalises them
+        if prompt.dtype in (torch.uint8, torch.bool) or prompt.is_complex():
+            raise TypeError(
+                f'`{arg}` for augment {index} has dtype {prompt.dtype}; its model reads floats: scale and normalise raw pixels as its '
+                "processor does (e.g. transformers' image processor), then pass the float tensor"
+            )
     else:
         prompt = check_tokens(prompt, arg)
 

@@ -49,6 +49,11 @@ def test_llama_anchor_with_gpt2_aligned_and_bert_plus_vit_in_context():
     with pytest.raises(ValueError, match = r'takes inputs of shape \(3, 16, 16\).*`prompt=`'):
         calm(seq, prompt = [document, None])
 
+    # raw pixels: transformers' ViT casts them itself and would read 0 to 255 as they are
+    for raw in (torch.randint(0, 256, (2, 3, 16, 16), dtype = torch.uint8), image > 0):
+        with pytest.raises(TypeError, match = rf'`prompt\[1\]` for augment 1 has dtype {raw.dtype}; its model reads floats'):
+            calm(seq, prompt = [document, raw])
+
 @pytest.mark.parametrize('make_augment', [gpt2, lambda: llama(dim = 24, depth = 4), ENCODERS['bert'].build, ENCODERS['t5_encoder'].build], ids = ['gpt2', 'llama', 'bert', 't5'])
 def test_padding_an_augment_input_changes_nothing(make_augment):
     anchor = llama()
