@@ -85,6 +85,11 @@ def vocab_size(target: Module, model: Module) -> int | None:
 
     return size if isinstance(size, int) and size > 0 else None
 
+def counts_positions_from_padding(model: Module) -> bool:
+    # RoBERTa and its kin count positions after the `padding_idx` of their position table (a name
+    # of 0.1.0, kept; the adapter now offsets their ids from the mask by it)
+    return any(exists(table.padding_idx) for table in position_tables(model))
+
 def check_right_padded(mask: Tensor, name: str, kind: str):
     if bool((mask.int().cummin(dim = -1).values != mask.int()).any()):
         raise ValueError(
