@@ -241,7 +241,7 @@ class HFAdapter(ModelAdapter):
             return super().decode(tokens, mask, state)
 
         mask = mask.long() if exists(mask) else torch.ones_like(tokens)
-        position_ids = positions_from_mask(mask)
+        position_ids = positions_from_mask(mask) + getattr(self, 'first_position', 0)
 
         if not exists(state):
             return self.model(input_ids = tokens, attention_mask = mask, position_ids = position_ids, use_cache = False)

@@ -58,3 +58,19 @@ def test_an_augment_taking_no_positions_refuses_left_padding():
     right = mask.flip(-1)
     batch = calm(seq, prompt = document.flip(-1), prompt_mask = right, return_loss = False)
     assert torch.allclose(batch[1], calm(seq[1:], prompt = document.flip(-1)[1:, :6], return_loss = False)[0], atol = 1e-5)
+
+def test_a_roberta_decoder_generates_what_its_forward_gives():
+    # decoding passed positions from 0 to a model that counts them after its pad id: cached and
+    # recomputed generation both read other positions than the forward
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size = 128, hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 2, intermediate_size = 64, max_position_embeddings = 72, pad_token_id = 1, is_decoder = True)
+    augment = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size = 128, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1))
+    calm = CALM(transformers.RobertaForCausalLM(config), AugmentParams(model = augment, connections = ((1, 1),)), attn_kwargs = dict(heads = 2, dim_head = 8)).eval()
+    prompt = torch.randint(3, 128, (1, 6))
+
+    seq = prompt
+    for _ in range(5):
+        seq = torch.cat((seq, calm(seq, return_loss = False)[:, -1].argmax(dim = -1, keepdim = True)), dim = -1)
+
+    for use_cache in (True, False):
+        assert torch.equal(calm.generate(prompt, max_new_tokens = 5, temperature = 0., use_cache = use_cache), seq[:, 6:])
