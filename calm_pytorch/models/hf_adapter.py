@@ -85,10 +85,14 @@ def vocab_size(target: Module, model: Module) -> int | None:
 
     return size if isinstance(size, int) and size > 0 else None
 
+def position_offset(model: Module) -> int:
+    # RoBERTa and its kin count positions after the `padding_idx` of their position table: their
+    # first real token sits at padding_idx + 1, the others' at 0
+    padding_idx = next((table.padding_idx for table in position_tables(model) if exists(table.padding_idx)), None)
+    return padding_idx + 1 if exists(padding_idx) else 0
+
 def counts_positions_from_padding(model: Module) -> bool:
-    # RoBERTa and its kin count positions after the `padding_idx` of their position table (a name
-    # of 0.1.0, kept; the adapter now offsets their ids from the mask by it)
-    return any(exists(table.padding_idx) for table in position_tables(model))
+    return position_offset(model) > 0  # a name of 0.1.0, kept
 
 def check_right_padded(mask: Tensor, name: str, kind: str):
     if bool((mask.int().cummin(dim = -1).values != mask.int()).any()):
@@ -145,9 +149,9 @@ class HFAdapter(ModelAdapter):
 
         self.positions_from_mask = role == 'augment' and 'position_ids' in self.params and not exists(input_shape)
 
-        # RoBERTa and its kin count positions after `padding_idx`: their ids from the mask start there
-        padding_idx = next((table.padding_idx for table in position_tables(model) if exists(table.padding_idx)), None)
-        self.first_position = padding_idx + 1 if exists(padding_idx) else 0
+        self.first_position = position_offset(model)  # where ids from the mask start
+        # a cached step of these models takes the mask of its new positions only (see the set)
+        self.masks_new_positions = text_config(model).model_type in MASKS_EACH_INPUT_POSITION
 
         # an augment with learned positions and no `position_ids` argument (BART's encoder) reads a
         # left-padded row at other positions than alone
@@ -259,7 +263,7 @@ class HFAdapter(ModelAdapter):
         last_logits = dict(logits_to_keep = 1) if 'logits_to_keep' in self.params else dict()
 
         # a whole sequence's mask would broadcast one new position over all of them
-        step_mask = mask[:, start:] if text_config(self.model).model_type in MASKS_EACH_INPUT_POSITION else mask
+        step_mask = mask[:, start:] if getattr(self, 'masks_new_positions', False) else mask
 
         return self.model(
             input_ids = tokens[:, start:],

@@ -53,6 +53,17 @@ def started(target) -> threading.Thread:
     thread.start()
     return thread
 
+def block_held_open(calm, document, start: threading.Event, opened: threading.Event, close: threading.Event):
+    """A thread's body: once `start` is set, opens a block, sets `opened`, and exits when `close` is set."""
+
+    def run():
+        assert start.wait(timeout = 60)
+        with calm.composed(document):
+            opened.set()
+            assert close.wait(timeout = 60)
+
+    return run
+
 def no_hooks(anchor) -> bool:
     return len(anchor._forward_pre_hooks) == 0 and len(anchor._forward_hooks) == 0
 
@@ -83,18 +94,12 @@ def test_a_thread_running_before_the_block_calls_the_anchor_as_it_closes(setup):
     hold = HoldAt(ContextsForBatch.started_in_block, 'running_before')
     both_running, opened, close, seen = threading.Event(), threading.Event(), threading.Event(), {}
 
-    def opener():
-        assert both_running.wait(timeout = 60)
-        with calm.composed(document):
-            opened.set()
-            assert close.wait(timeout = 60)
-
     def caller():
         assert opened.wait(timeout = 60)
         seen['logits'] = traced(hold, lambda: anchor(input_ids).logits)
         seen['contexts'] = calm.injector.call.contexts
 
-    threads = [started(opener), started(caller)]
+    threads = [started(block_held_open(calm, document, both_running, opened, close)), started(caller)]
     both_running.set()
     assert hold.held.wait(timeout = 60)
     close.set()
@@ -222,13 +227,7 @@ def test_a_thread_started_inside_calls_the_anchor_as_another_block_opens(setup):
     hold = HoldAt(ContextsForBatch.claims, 'isinstance(hook, ContextsForBatch)', nth = 2)
     open_other, other_open, close_other, seen = threading.Event(), threading.Event(), threading.Event(), {}
 
-    def other_block():
-        assert open_other.wait(timeout = 60)
-        with calm.composed(document):
-            other_open.set()
-            assert close_other.wait(timeout = 60)
-
-    other = started(other_block)  # running before the first block: not composed by it
+    other = started(block_held_open(calm, document, open_other, other_open, close_other))  # running before the first block: not composed by it
 
     with calm.composed(document) as block:
         worker = started(lambda: seen.update(logits = traced(hold, lambda: block(input_ids).logits), contexts = calm.injector.call.contexts))
